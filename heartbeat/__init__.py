@@ -1,0 +1,5 @@
+"""HeartBeat: controllable echocardiography video synthesis with multimodal-condition latent diffusion.
+
+Importing the package has no side effects; see DESIGN.md (§2) for the module map.
+"""
+__version__ = "0.1.0"
