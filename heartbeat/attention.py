@@ -18,6 +18,7 @@ import math as _math
 import os
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ATTN_BACKENDS
@@ -130,3 +131,132 @@ def group_norm(x, weight, bias, num_groups: int, eps: float = 1e-5, silu: bool =
     y = F.group_norm(x.float(), num_groups, weight.float() if weight is not None else None,
                      bias.float() if bias is not None else None, eps).to(x.dtype)
     return F.silu(y) if silu else y
+
+
+# -------------------------------------------------------------------------------- modules
+#
+# Parameter names follow SD1.5 (CompVis `CrossAttention`): to_q, to_k, to_v (no bias), to_out.0
+# (Linear with bias; to_out.1 is SD's Dropout). New parameters relative to SD:
+#   DualCrossAttention: to_q_img (absent when share_q), to_k_img, to_v_img (all Linear, no bias).
+#       The image branch shares SD's output projection to_out.0: the dispatcher returns the sum of the
+#       two softmax attentions (the fused Triton kernel writes that sum once), so the branch is made
+#       zero at init by zeroing to_v_img rather than an output projection of its own.
+#   TemporalAttention: to_q, to_k, to_v, to_out.0 (zero-init), pos_emb (max_frames, dim).
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over tokens (SD's attn1). x (N, L, dim) -> (N, L, dim)."""
+
+    def __init__(self, dim: int, heads: int, backend: str = "auto"):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} is not divisible by heads={heads}")
+        self.heads, self.backend = heads, backend
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N, L, C = x.shape
+        h = self.heads
+        q = self.to_q(x).view(N, L, h, C // h)  # (N, L, heads, head_dim), free after linear
+        k = self.to_k(x).view(N, L, h, C // h)
+        v = self.to_v(x).view(N, L, h, C // h)
+        o = attention(q, k, v, backend=self.backend)
+        return self.to_out(o.reshape(N, L, C))
+
+
+class DualCrossAttention(nn.Module):
+    """Cross-attention on text plus cross-attention on image-prior tokens, two softmaxes (SD's attn2).
+
+    out = to_out(Attn(Q_t, K_t, V_t) + Attn(Q_i, K_i, V_i)); Q_t = to_q(x), K_t/V_t = to_k/to_v(text),
+    Q_i = to_q_img(x) (or Q_t when share_q: computed once), K_i/V_i = to_k_img/to_v_img(image).
+    to_v_img starts at zero, so at init the image branch adds exactly nothing and a loaded SD1.5
+    attn2 given text reproduces SD1.5. Zero image tokens (the Conditioner's "absent" image) also
+    add exactly nothing: the projections have no bias, so V_i = 0.
+
+    x (N, L, dim); text (N, Lt, context_dim) or None; image (N, Li, context_dim) or None.
+    A None branch is skipped; with both None the layer returns zeros (the block skips it).
+    """
+
+    def __init__(self, dim: int, context_dim: int, heads: int, share_q: bool = False, backend: str = "auto"):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} is not divisible by heads={heads}")
+        self.heads, self.share_q, self.backend = heads, share_q, backend
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))
+        self.to_q_img = None if share_q else nn.Linear(dim, dim, bias=False)
+        self.to_k_img = nn.Linear(context_dim, dim, bias=False)
+        self.to_v_img = nn.Linear(context_dim, dim, bias=False)
+        nn.init.zeros_(self.to_v_img.weight)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor | None = None,
+                image: torch.Tensor | None = None) -> torch.Tensor:
+        N, L, C = x.shape
+        h, d = self.heads, C // self.heads
+        if text is None and image is None:
+            return torch.zeros_like(x)
+
+        def heads(t):  # (N, L, C) -> (N, L, heads, head_dim), a view of the projection
+            return t.view(t.shape[0], t.shape[1], h, d)
+
+        q_t = heads(self.to_q(x)) if (text is not None or self.share_q) else None
+        if image is not None:
+            q_i = q_t if self.share_q else heads(self.to_q_img(x))
+            k_i, v_i = heads(self.to_k_img(image)), heads(self.to_v_img(image))
+        if text is None:
+            o = attention(q_i, k_i, v_i, backend=self.backend)
+        elif image is None:
+            o = attention(q_t, heads(self.to_k(text)), heads(self.to_v(text)), backend=self.backend)
+        else:
+            o = dual_cross_attention(q_t, heads(self.to_k(text)), heads(self.to_v(text)), q_i, k_i, v_i,
+                                     backend=self.backend)
+        return self.to_out(o.reshape(N, L, C))
+
+
+def _frame_table(n: int, dim: int) -> torch.Tensor:
+    """Sinusoidal frame positions (n, dim), [cos | sin] halves like the timestep embedding."""
+    half = dim // 2
+    freqs = torch.exp(-_math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    args = torch.arange(n, dtype=torch.float32)[:, None] * freqs[None]
+    table = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return torch.cat([table, torch.zeros(n, dim - 2 * half)], dim=-1)
+
+
+class TemporalAttention(nn.Module):
+    """Self-attention along frames, one sequence per pixel (stage 2's `attn_temporal`).
+
+    Input: the LayerNorm'd tokens already in (B, L, F, dim) order (L = h*w pixels); the frame-position
+    embedding `pos_emb` (learned, initialised sinusoidal, max_frames rows) is added to the input of
+    q and k only. Output (B, L, F, dim); to_out.0 starts at zero, so a new layer adds nothing.
+    q/k/v reach the dispatcher as (B*L, F, heads, head_dim) views of the projections (no copies).
+    """
+
+    def __init__(self, dim: int, heads: int, max_frames: int, backend: str = "auto"):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} is not divisible by heads={heads}")
+        self.heads, self.backend = heads, backend
+        self.pos_emb = nn.Parameter(_frame_table(max_frames, dim))
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))
+        nn.init.zeros_(self.to_out[0].weight)
+        nn.init.zeros_(self.to_out[0].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, F_, C = x.shape
+        if F_ > self.pos_emb.shape[0]:
+            raise ValueError(f"temporal attention got {F_} frames but max_frames={self.pos_emb.shape[0]}; "
+                             "raise --max_frames")
+        h, d = self.heads, C // self.heads
+        xp = x + self.pos_emb[:F_].to(x.dtype)  # positions on q/k only
+        q = self.to_q(xp).view(B * L, F_, h, d)  # (B*L, F, heads, head_dim): pixels become batch
+        k = self.to_k(xp).view(B * L, F_, h, d)
+        v = self.to_v(x).view(B * L, F_, h, d)
+        o = temporal_attention(q, k, v, backend=self.backend)
+        return self.to_out(o.reshape(B, L, F_, C))

@@ -47,6 +47,7 @@ class ModelConfig:
     transformer_depth: int = 1
     norm_groups: int = 32
     context_dim: int = 128          # width of the cross-attention context (text tokens)
+    share_image_q: bool = False     # the image-prior branch reuses the text branch's queries
     temporal: bool = False          # True after inflate(): temporal attention in every transformer
     max_frames: int = 64            # frame-position embedding size of the temporal layers
 
@@ -61,7 +62,8 @@ class ModelConfig:
     # image prior: "vae" (our frozen VAE encoder, offline default) or "medsam" (SAM ViT-B)
     prior: str = "vae"
     prior_tokens: int = 16          # tokens after pooling, before the global adapter
-    prior_dim: int = 4              # channels of the prior feature map (VAE: latent_channels, SAM: 256)
+    prior_dim: int = 128            # channels of the prior features: VAE prior vae_channels[-1] (its last
+                                    # hidden map) or latent_channels (its latent mean); MedSAM 256
 
     # local conditions
     mask_classes: int = 4           # label values 0..mask_classes-1, one-hot in the encoder
@@ -161,7 +163,7 @@ def _small() -> Config:
         preset="small", image_size=128, vae_channels=(64, 128, 256, 256), vae_layers=2,
         unet_channels=(128, 256, 512, 512), unet_layers=2, attn_levels=(True, True, True, False),
         heads=8, context_dim=512, text_width=512, text_layers=4, text_heads=8,
-        cond_channels=(16, 32, 96, 256), local_channels=4, prior_tokens=16)
+        cond_channels=(16, 32, 96, 256), local_channels=4, prior_tokens=16, prior_dim=256)
     return Config(m, TrainConfig(batch_size=32, lr=1e-4))
 
 
@@ -172,7 +174,7 @@ def _sd15() -> Config:
         unet_channels=(320, 640, 1280, 1280), unet_layers=2,
         attn_levels=(True, True, True, False), heads=8, transformer_depth=1, context_dim=768,
         text_encoder="clip", text_tokens=77, text_width=768, text_layers=12, text_heads=12,
-        text_trainable=False, prior="vae", prior_tokens=16, cond_channels=(16, 32, 96, 256),
+        text_trainable=False, prior="vae", prior_tokens=16, prior_dim=512, cond_channels=(16, 32, 96, 256),
         local_channels=4)
     return Config(m, TrainConfig(batch_size=64, lr=1e-4, warmup_steps=500))
 

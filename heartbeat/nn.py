@@ -1,0 +1,119 @@
+"""Small shared blocks of the UNet, with Stable Diffusion 1.5's (CompVis/LDM) parameter names.
+
+    timestep_embedding(t, dim)        sinusoidal embedding, cos first (SD1.5 / flip_sin_to_cos=True)
+    zero_module(m)                    zero a module's parameters in place (new layers start at zero output)
+    GroupNorm32                       GroupNorm with fp32 statistics, optionally fused with SiLU
+    ResBlock                          in_layers / emb_layers / out_layers / skip_connection
+    Downsample, Upsample              `op` (stride-2 conv) and `conv` (nearest x2 then conv)
+    checkpoint(fn, *args, enabled)    torch.utils.checkpoint (use_reentrant=False) when enabled
+
+GroupNorm+SiLU pairs run as one call of heartbeat.attention.group_norm(..., silu=True), which the
+fused Triton kernel serves on CUDA; the SiLU slot of SD's Sequential is then an nn.Identity, so the
+parameter names (`in_layers.0.weight`, `in_layers.2.weight`, `out_layers.3.weight`) stay SD's.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from .attention import group_norm
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """SD1.5's sinusoidal embedding. t (B,) int or float -> (B, dim) fp32, [cos | sin] halves."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero every parameter of `module` in place and return it."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def checkpoint(fn, *args, enabled: bool = False):
+    """fn(*args), recomputed in backward (non-reentrant) when `enabled` and autograd is recording."""
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm with statistics in fp32 (output in the input dtype); `silu=True` fuses a SiLU after it.
+
+    x (N, C, *spatial) -> same shape. `backend` is the attention backend name (auto/triton use the
+    fused Triton kernel on CUDA; elsewhere torch's group_norm).
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, silu: bool = False,
+                 backend: str = "auto"):
+        if num_channels % num_groups:
+            raise ValueError(f"GroupNorm: {num_channels} channels are not divisible by norm_groups={num_groups}; "
+                             "choose widths that are multiples of --norm_groups")
+        super().__init__(num_groups, num_channels, eps=eps)
+        self.silu = silu
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu=self.silu, backend=self.backend)
+
+
+class ResBlock(nn.Module):
+    """SD's ResBlock: (GN+SiLU, conv3x3) + Linear(SiLU(emb)) -> (GN+SiLU, dropout, zero conv3x3) + skip.
+
+    x (N, cin, H, W), emb (N, emb_dim) -> (N, cout, H, W). `skip_connection` is a 1x1 conv when
+    cin != cout (SD1.5), else identity. out_layers.3 starts at zero as in SD.
+    """
+
+    def __init__(self, cin: int, emb_dim: int, cout: int, groups: int = 32, dropout: float = 0.0,
+                 backend: str = "auto"):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            GroupNorm32(groups, cin, silu=True, backend=backend), nn.Identity(),  # .1 = SiLU, fused into .0
+            nn.Conv2d(cin, cout, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, cout))
+        self.out_layers = nn.Sequential(
+            GroupNorm32(groups, cout, silu=True, backend=backend), nn.Identity(),  # .1 = SiLU, fused into .0
+            nn.Dropout(dropout), zero_module(nn.Conv2d(cout, cout, 3, padding=1)))
+        self.skip_connection = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]  # (N, cout) -> (N, cout, 1, 1)
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv `op`. (N, C, H, W) -> (N, C, ceil(H/2), ceil(W/2))."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest x2 then 3x3 `conv`. (N, C, H, W) -> (N, C, 2H, 2W), or to `size` when given."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)
