@@ -49,7 +49,9 @@ def _use_triton(backend: str, op: str, *tensors) -> bool:
             raise RuntimeError("attn_backend=triton but the Triton kernels cannot be imported; "
                                "install triton or choose --attn_backend=sdpa")
         return True
-    if backend != "auto" or not tensors[0].is_cuda:
+    # auto: CUDA and half precision only. The kernels' fp32 path is exact but untimed (fp32 dots),
+    # so fp32 stays on SDPA unless triton is asked for by name.
+    if backend != "auto" or not tensors[0].is_cuda or tensors[0].dtype not in (torch.float16, torch.bfloat16):
         return False
     k = _kernels()
     return k is not None and k.supports(op, *tensors)

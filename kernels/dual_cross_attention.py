@@ -1,0 +1,415 @@
+"""Dual cross-attention: attn(q_t, k_t, v_t) + attn(q_i, k_i, v_i) in one kernel, forward and backward.
+
+    dual_cross_attention(q_t, k_t, v_t, q_i, k_i, v_i, scale=None) -> o
+        q_t, q_i (B, Lq, H, D); k_t, v_t (B, Lt, H, D) text tokens; k_i, v_i (B, Li, H, D) image-prior
+        tokens; o (B, Lq, H, D) contiguous.
+
+Two softmaxes (DESIGN.md §6: not one softmax over the concatenated tokens), computed by the same
+program one after the other on the query tile it holds, summed in registers and written once.
+When q_i is q_t (or views the same memory with the same strides) Q is read once.
+
+Supported: CUDA (or CPU under TRITON_INTERPRET=1); fp32 / fp16 / bf16; any Lq; any context
+lengths >= 1 (designed for text 1..154 and image 1..256: a context fits one or two key blocks);
+1 <= D <= 256 split as in kernels/attention.py; any strides; any B*H (1-D grid).
+
+Backward: `_dual_bwd_dq` (one program per query block and both branches: per branch, a first pass
+over the keys gives delta = rowsum(P * dP) (= rowsum(dO * O_branch), which the forward never
+materialised), a second gives dQ; one dQ write when q_i is q_t), then kernels/attention.py's
+`_attn_bwd_dkdv` once per branch for dK, dV. No atomics: deterministic.
+
+Caveats: block sizes are heuristics (no GPU to tune on); fp32 uses IEEE dots.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import (DTYPES, LOG2E, _attn_bwd_dkdv, _load, _store, bwd_blocks, bwd_config,
+                        check_qkv, empty, fwd_config, head_flags, precision)
+
+
+@triton.jit
+def _branch_fwd(q0, q1, K, V, skl, skd, svl, svd, Lk, D, qk_scale,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                HAS_D1: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr,
+                EVEN_N: tl.constexpr, PREC: tl.constexpr):
+    """Online softmax over one context: unnormalised accumulators, row max and row sum (base 2)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    d0 = tl.arange(0, D0)
+    d1 = D0 + tl.arange(0, D1)
+    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start_n in range(0, Lk, BLOCK_N):
+        n = start_n + offs_n
+        n_ok_row = n[None, :] < Lk
+        n_ok_col = n[:, None] < Lk
+        k0t = _load(K + n[None, :] * skl + d0[:, None] * skd, d0[:, None] < D, n_ok_row, MASK_D0, not EVEN_N)
+        s = tl.dot(q0, k0t, input_precision=PREC)
+        if HAS_D1:
+            k1t = _load(K + n[None, :] * skl + d1[:, None] * skd, d1[:, None] < D, n_ok_row, MASK_D1, not EVEN_N)
+            s += tl.dot(q1, k1t, input_precision=PREC)
+        s = s * qk_scale
+        if not EVEN_N:
+            s = tl.where(n_ok_row, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+        v0 = _load(V + n[:, None] * svl + d0[None, :] * svd, n_ok_col, d0[None, :] < D, not EVEN_N, MASK_D0)
+        acc0 = acc0 * alpha[:, None] + tl.dot(p.to(v0.dtype), v0, input_precision=PREC)
+        if HAS_D1:
+            v1 = _load(V + n[:, None] * svl + d1[None, :] * svd, n_ok_col, d1[None, :] < D, not EVEN_N, MASK_D1)
+            acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1, input_precision=PREC)
+    return acc0, acc1, m_i, l_i
+
+
+@triton.jit
+def _dual_fwd(QT, KT, VT, QI, KI, VI, O, LSE,
+              sqtb, sqtl, sqth, sqtd, sktb, sktl, skth, sktd, svtb, svtl, svth, svtd,
+              sqib, sqil, sqih, sqid, skib, skil, skih, skid, svib, svil, svih, svid,
+              sob, sol, soh, sod,
+              H, Lq, Lt, Li, D, qk_scale, m_blocks, lse_branch_stride,
+              BLOCK_M: tl.constexpr, BLOCK_NT: tl.constexpr, BLOCK_NI: tl.constexpr,
+              D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, MASK_D0: tl.constexpr,
+              MASK_D1: tl.constexpr, EVEN_M: tl.constexpr, EVEN_NT: tl.constexpr, EVEN_NI: tl.constexpr,
+              SHARED_Q: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = pid // m_blocks
+    mb = pid % m_blocks
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m[:, None] < Lq
+    d0 = tl.arange(0, D0)
+    d1 = D0 + tl.arange(0, D1)
+
+    QT += b * sqtb + h * sqth
+    q0 = _load(QT + offs_m[:, None] * sqtl + d0[None, :] * sqtd, m_ok, d0[None, :] < D, not EVEN_M, MASK_D0)
+    q1 = q0
+    if HAS_D1:
+        q1 = _load(QT + offs_m[:, None] * sqtl + d1[None, :] * sqtd, m_ok, d1[None, :] < D, not EVEN_M, MASK_D1)
+    t0, t1, m_t, l_t = _branch_fwd(q0, q1, KT + b * sktb + h * skth, VT + b * svtb + h * svth,
+                                   sktl, sktd, svtl, svtd, Lt, D, qk_scale, BLOCK_M, BLOCK_NT,
+                                   D0, D1, HAS_D1, MASK_D0, MASK_D1, EVEN_NT, PREC)
+    if not SHARED_Q:
+        QI += b * sqib + h * sqih
+        q0 = _load(QI + offs_m[:, None] * sqil + d0[None, :] * sqid, m_ok, d0[None, :] < D, not EVEN_M, MASK_D0)
+        if HAS_D1:
+            q1 = _load(QI + offs_m[:, None] * sqil + d1[None, :] * sqid, m_ok, d1[None, :] < D, not EVEN_M, MASK_D1)
+    i0, i1, m_im, l_im = _branch_fwd(q0, q1, KI + b * skib + h * skih, VI + b * svib + h * svih,
+                                     skil, skid, svil, svid, Li, D, qk_scale, BLOCK_M, BLOCK_NI,
+                                     D0, D1, HAS_D1, MASK_D0, MASK_D1, EVEN_NI, PREC)
+    inv_t = 1.0 / l_t
+    inv_i = 1.0 / l_im
+    O += b * sob + h * soh
+    _store(O + offs_m[:, None] * sol + d0[None, :] * sod,
+           (t0 * inv_t[:, None] + i0 * inv_i[:, None]).to(O.dtype.element_ty), m_ok, d0[None, :] < D,
+           not EVEN_M, MASK_D0)
+    if HAS_D1:
+        _store(O + offs_m[:, None] * sol + d1[None, :] * sod,
+               (t1 * inv_t[:, None] + i1 * inv_i[:, None]).to(O.dtype.element_ty), m_ok, d1[None, :] < D,
+               not EVEN_M, MASK_D1)
+    row = bh.to(tl.int64) * Lq + offs_m
+    if EVEN_M:
+        tl.store(LSE + row, m_t + tl.log2(l_t))
+        tl.store(LSE + lse_branch_stride + row, m_im + tl.log2(l_im))
+    else:
+        tl.store(LSE + row, m_t + tl.log2(l_t), mask=offs_m < Lq)
+        tl.store(LSE + lse_branch_stride + row, m_im + tl.log2(l_im), mask=offs_m < Lq)
+
+
+# ----------------------------------------------------------------------------- backward
+
+@triton.jit
+def _branch_dq(q0, q1, do0, do1, K, V, skl, skd, svl, svd, Lk, D, qk_scale, lse,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+               HAS_D1: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr,
+               EVEN_N: tl.constexpr, PREC: tl.constexpr):
+    """Unscaled dQ of one branch and its delta = rowsum(P * dP), in two passes over the keys."""
+    offs_n = tl.arange(0, BLOCK_N)
+    d0 = tl.arange(0, D0)
+    d1 = D0 + tl.arange(0, D1)
+    delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start_n in range(0, Lk, BLOCK_N):   # pass 1: delta
+        n = start_n + offs_n
+        n_ok_row = n[None, :] < Lk
+        k0t = _load(K + n[None, :] * skl + d0[:, None] * skd, d0[:, None] < D, n_ok_row, MASK_D0, not EVEN_N)
+        v0t = _load(V + n[None, :] * svl + d0[:, None] * svd, d0[:, None] < D, n_ok_row, MASK_D0, not EVEN_N)
+        s = tl.dot(q0, k0t, input_precision=PREC)
+        dp = tl.dot(do0, v0t, input_precision=PREC)
+        if HAS_D1:
+            k1t = _load(K + n[None, :] * skl + d1[:, None] * skd, d1[:, None] < D, n_ok_row, MASK_D1, not EVEN_N)
+            v1t = _load(V + n[None, :] * svl + d1[:, None] * svd, d1[:, None] < D, n_ok_row, MASK_D1, not EVEN_N)
+            s += tl.dot(q1, k1t, input_precision=PREC)
+            dp += tl.dot(do1, v1t, input_precision=PREC)
+        p = tl.exp2(s * qk_scale - lse[:, None])
+        if not EVEN_N:
+            p = tl.where(n_ok_row, p, 0.0)
+        delta += tl.sum(p * dp, 1)
+    dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    for start_n in range(0, Lk, BLOCK_N):   # pass 2: dQ
+        n = start_n + offs_n
+        n_ok_row = n[None, :] < Lk
+        k0t = _load(K + n[None, :] * skl + d0[:, None] * skd, d0[:, None] < D, n_ok_row, MASK_D0, not EVEN_N)
+        v0t = _load(V + n[None, :] * svl + d0[:, None] * svd, d0[:, None] < D, n_ok_row, MASK_D0, not EVEN_N)
+        s = tl.dot(q0, k0t, input_precision=PREC)
+        dp = tl.dot(do0, v0t, input_precision=PREC)
+        if HAS_D1:
+            k1t = _load(K + n[None, :] * skl + d1[:, None] * skd, d1[:, None] < D, n_ok_row, MASK_D1, not EVEN_N)
+            v1t = _load(V + n[None, :] * svl + d1[:, None] * svd, d1[:, None] < D, n_ok_row, MASK_D1, not EVEN_N)
+            s += tl.dot(q1, k1t, input_precision=PREC)
+            dp += tl.dot(do1, v1t, input_precision=PREC)
+        p = tl.exp2(s * qk_scale - lse[:, None])
+        if not EVEN_N:
+            p = tl.where(n_ok_row, p, 0.0)
+        ds = (p * (dp - delta[:, None])).to(q0.dtype)
+        dq0 += tl.dot(ds, tl.trans(k0t), input_precision=PREC)
+        if HAS_D1:
+            dq1 += tl.dot(ds, tl.trans(k1t), input_precision=PREC)
+    return dq0, dq1, delta
+
+
+@triton.jit
+def _dual_bwd_dq(QT, KT, VT, QI, KI, VI, DO, DQT, DQI, LSE, DELTA,
+                 sqtb, sqtl, sqth, sqtd, sktb, sktl, skth, sktd, svtb, svtl, svth, svtd,
+                 sqib, sqil, sqih, sqid, skib, skil, skih, skid, svib, svil, svih, svid,
+                 sdob, sdol, sdoh, sdod, sgb, sgl, sgh, sgd,
+                 H, Lq, Lt, Li, D, sm_scale, qk_scale, m_blocks, lse_branch_stride,
+                 BLOCK_M: tl.constexpr, BLOCK_NT: tl.constexpr, BLOCK_NI: tl.constexpr,
+                 D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, MASK_D0: tl.constexpr,
+                 MASK_D1: tl.constexpr, EVEN_M: tl.constexpr, EVEN_NT: tl.constexpr, EVEN_NI: tl.constexpr,
+                 SHARED_Q: tl.constexpr, SUM_DQ: tl.constexpr, PREC: tl.constexpr):
+    """dQ of both branches (summed into DQT when SUM_DQ) and both deltas. DQT, DQI share strides sg*."""
+    pid = tl.program_id(0)
+    bh = pid // m_blocks
+    mb = pid % m_blocks
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m[:, None] < Lq
+    d0 = tl.arange(0, D0)
+    d1 = D0 + tl.arange(0, D1)
+    row = bh.to(tl.int64) * Lq + offs_m
+    if EVEN_M:
+        lse_t = tl.load(LSE + row)
+        lse_i = tl.load(LSE + lse_branch_stride + row)
+    else:
+        lse_t = tl.load(LSE + row, mask=offs_m < Lq, other=0.0)
+        lse_i = tl.load(LSE + lse_branch_stride + row, mask=offs_m < Lq, other=0.0)
+
+    DO += b * sdob + h * sdoh
+    do0 = _load(DO + offs_m[:, None] * sdol + d0[None, :] * sdod, m_ok, d0[None, :] < D, not EVEN_M, MASK_D0)
+    do1 = do0
+    QT += b * sqtb + h * sqth
+    q0 = _load(QT + offs_m[:, None] * sqtl + d0[None, :] * sqtd, m_ok, d0[None, :] < D, not EVEN_M, MASK_D0)
+    q1 = q0
+    if HAS_D1:
+        do1 = _load(DO + offs_m[:, None] * sdol + d1[None, :] * sdod, m_ok, d1[None, :] < D, not EVEN_M, MASK_D1)
+        q1 = _load(QT + offs_m[:, None] * sqtl + d1[None, :] * sqtd, m_ok, d1[None, :] < D, not EVEN_M, MASK_D1)
+    t0, t1, delta_t = _branch_dq(q0, q1, do0, do1, KT + b * sktb + h * skth, VT + b * svtb + h * svth,
+                                 sktl, sktd, svtl, svtd, Lt, D, qk_scale, lse_t, BLOCK_M, BLOCK_NT,
+                                 D0, D1, HAS_D1, MASK_D0, MASK_D1, EVEN_NT, PREC)
+    if not SHARED_Q:
+        QI += b * sqib + h * sqih
+        q0 = _load(QI + offs_m[:, None] * sqil + d0[None, :] * sqid, m_ok, d0[None, :] < D, not EVEN_M, MASK_D0)
+        if HAS_D1:
+            q1 = _load(QI + offs_m[:, None] * sqil + d1[None, :] * sqid, m_ok, d1[None, :] < D, not EVEN_M, MASK_D1)
+    i0, i1, delta_i = _branch_dq(q0, q1, do0, do1, KI + b * skib + h * skih, VI + b * svib + h * svih,
+                                 skil, skid, svil, svid, Li, D, qk_scale, lse_i, BLOCK_M, BLOCK_NI,
+                                 D0, D1, HAS_D1, MASK_D0, MASK_D1, EVEN_NI, PREC)
+    if EVEN_M:
+        tl.store(DELTA + row, delta_t)
+        tl.store(DELTA + lse_branch_stride + row, delta_i)
+    else:
+        tl.store(DELTA + row, delta_t, mask=offs_m < Lq)
+        tl.store(DELTA + lse_branch_stride + row, delta_i, mask=offs_m < Lq)
+
+    g = b * sgb + h * sgh + offs_m[:, None] * sgl
+    if SUM_DQ:
+        _store(DQT + g + d0[None, :] * sgd, ((t0 + i0) * sm_scale).to(DQT.dtype.element_ty),
+               m_ok, d0[None, :] < D, not EVEN_M, MASK_D0)
+        if HAS_D1:
+            _store(DQT + g + d1[None, :] * sgd, ((t1 + i1) * sm_scale).to(DQT.dtype.element_ty),
+                   m_ok, d1[None, :] < D, not EVEN_M, MASK_D1)
+    else:
+        _store(DQT + g + d0[None, :] * sgd, (t0 * sm_scale).to(DQT.dtype.element_ty),
+               m_ok, d0[None, :] < D, not EVEN_M, MASK_D0)
+        _store(DQI + g + d0[None, :] * sgd, (i0 * sm_scale).to(DQI.dtype.element_ty),
+               m_ok, d0[None, :] < D, not EVEN_M, MASK_D0)
+        if HAS_D1:
+            _store(DQT + g + d1[None, :] * sgd, (t1 * sm_scale).to(DQT.dtype.element_ty),
+                   m_ok, d1[None, :] < D, not EVEN_M, MASK_D1)
+            _store(DQI + g + d1[None, :] * sgd, (i1 * sm_scale).to(DQI.dtype.element_ty),
+                   m_ok, d1[None, :] < D, not EVEN_M, MASK_D1)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def ctx_block(L: int, cap: int = 64) -> int:
+    """Key block for a context of L tokens: the context rounded up to a power of two (>= 16), at
+    most `cap` (64 in the forward: 128 spills registers on sm_90 at D = 40; the backward passes its
+    dQ key block, 16 at D > 128)."""
+    return min(cap, max(16, triton.next_power_of_2(L)))
+
+
+def same_memory(a, b) -> bool:
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride())
+
+
+def _flags(Lq, Lt, Li, D, dtype, bm, bnt, bni, shared):
+    return dict(BLOCK_M=bm, BLOCK_NT=bnt, BLOCK_NI=bni, **head_flags(D), EVEN_M=Lq % bm == 0,
+                EVEN_NT=Lt % bnt == 0, EVEN_NI=Li % bni == 0, SHARED_Q=shared, PREC=precision(dtype))
+
+
+def dual_fwd(q_t, k_t, v_t, q_i, k_i, v_i, scale, config=None):
+    B, Lq, H, D = q_t.shape
+    Lt, Li = k_t.shape[1], k_i.shape[1]
+    bm, _, warps, stages = config or fwd_config(D, q_t.dtype)
+    bnt, bni = (config[1], config[1]) if config else (ctx_block(Lt), ctx_block(Li))
+    o = empty(q_t.shape, q_t)
+    lse = empty((2, B, H, Lq), q_t, torch.float32)
+    m_blocks = triton.cdiv(Lq, bm)
+    _dual_fwd[(B * H * m_blocks,)](
+        q_t, k_t, v_t, q_i, k_i, v_i, o, lse, *q_t.stride(), *k_t.stride(), *v_t.stride(),
+        *q_i.stride(), *k_i.stride(), *v_i.stride(), *o.stride(),
+        H, Lq, Lt, Li, D, scale * LOG2E, m_blocks, B * H * Lq,
+        **_flags(Lq, Lt, Li, D, q_t.dtype, bm, bnt, bni, same_memory(q_t, q_i)),
+        num_warps=warps, num_stages=stages)
+    return o, lse
+
+
+def dual_bwd(q_t, k_t, v_t, q_i, k_i, v_i, lse, do, scale, sum_dq, config=None):
+    B, Lq, H, D = q_t.shape
+    Lt, Li = k_t.shape[1], k_i.shape[1]
+    (bm, dq_bn), (kv_bm, kv_bn), warps, stages = bwd_blocks(config or bwd_config(D, q_t.dtype))
+    bnt, bni = (config[1], config[1]) if config else (ctx_block(Lt, dq_bn), ctx_block(Li, dq_bn))
+    dq_t = empty(q_t.shape, q_t)
+    dq_i = dq_t if sum_dq else empty(q_i.shape, q_i)
+    delta = empty(lse.shape, lse)
+    m_blocks = triton.cdiv(Lq, bm)
+    _dual_bwd_dq[(B * H * m_blocks,)](
+        q_t, k_t, v_t, q_i, k_i, v_i, do, dq_t, dq_i, lse, delta,
+        *q_t.stride(), *k_t.stride(), *v_t.stride(), *q_i.stride(), *k_i.stride(), *v_i.stride(),
+        *do.stride(), *dq_t.stride(), H, Lq, Lt, Li, D, scale, scale * LOG2E, m_blocks, B * H * Lq,
+        **_flags(Lq, Lt, Li, D, q_t.dtype, bm, bnt, bni, same_memory(q_t, q_i)), SUM_DQ=sum_dq,
+        num_warps=warps, num_stages=stages)
+    grads = []
+    for q, k, v, branch in ((q_t, k_t, v_t, 0), (q_i, k_i, v_i, 1)):
+        Lk = k.shape[1]
+        bn = config[1] if config else kv_bn   # even for 16 tokens: masked, but wgmma-sized and spill-free
+        dk, dv = empty(k.shape, k), empty(v.shape, v)
+        n_blocks = triton.cdiv(Lk, bn)
+        _attn_bwd_dkdv[(B * H * n_blocks,)](
+            q, k, v, do, dk, dv, lse[branch], delta[branch], *q.stride(), *k.stride(), *v.stride(),
+            *do.stride(), *dk.stride(), *dv.stride(), H, Lq, Lk, D, scale, scale * LOG2E, n_blocks,
+            BLOCK_M=kv_bm, BLOCK_N=bn, **head_flags(D), EVEN_M=Lq % kv_bm == 0, EVEN_N=Lk % bn == 0,
+            PREC=precision(q.dtype), num_warps=warps, num_stages=stages)
+        grads += [dk, dv]
+    return dq_t, (None if sum_dq else dq_i), *grads
+
+
+class _DualCrossAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_t, k_t, v_t, q_i, k_i, v_i, scale, sum_dq, fwd_cfg, bwd_cfg):
+        o, lse = dual_fwd(q_t, k_t, v_t, q_i, k_i, v_i, scale, fwd_cfg)
+        ctx.save_for_backward(q_t, k_t, v_t, q_i, k_i, v_i, lse)
+        ctx.scale, ctx.sum_dq, ctx.bwd_cfg = scale, sum_dq, bwd_cfg
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q_t, k_t, v_t, q_i, k_i, v_i, lse = ctx.saved_tensors
+        dq_t, dq_i, dk_t, dv_t, dk_i, dv_i = dual_bwd(q_t, k_t, v_t, q_i, k_i, v_i, lse, do, ctx.scale,
+                                                      ctx.sum_dq, ctx.bwd_cfg)
+        return dq_t, dk_t, dv_t, dq_i, dk_i, dv_i, None, None, None, None
+
+
+def check_inputs(q_t, k_t, v_t, q_i, k_i, v_i):
+    check_qkv(q_t, k_t, v_t, "dual_cross_attention (text)")
+    check_qkv(q_i, k_i, v_i, "dual_cross_attention (image)")
+    if q_t.shape != q_i.shape or q_t.dtype != q_i.dtype:
+        raise ValueError(f"dual_cross_attention: q_t {tuple(q_t.shape)} {q_t.dtype} and q_i "
+                         f"{tuple(q_i.shape)} {q_i.dtype} must agree")
+
+
+def dual_cross_attention(q_t, k_t, v_t, q_i, k_i, v_i, scale=None, fwd_config=None, bwd_config=None):
+    """attn(q_t, k_t, v_t) + attn(q_i, k_i, v_i) -> (B, Lq, H, D) contiguous.
+
+    When q_i is q_t (the same tensor object), Q is read once and one dQ is written (autograd then
+    credits it once); when they are different objects viewing the same memory, Q is still read once
+    in the forward but each gets its own gradient. fwd_config / bwd_config: (BLOCK_M, BLOCK_N,
+    num_warps, num_stages) overrides for tests and tuning (BLOCK_N used for both contexts)."""
+    check_inputs(q_t, k_t, v_t, q_i, k_i, v_i)
+    scale = 1.0 / math.sqrt(q_t.shape[-1]) if scale is None else float(scale)
+    return _DualCrossAttention.apply(q_t, k_t, v_t, q_i, k_i, v_i, scale, q_i is q_t, fwd_config, bwd_config)
+
+
+def supports(q_t, k_t, v_t, q_i, k_i, v_i) -> bool:
+    try:
+        check_inputs(q_t, k_t, v_t, q_i, k_i, v_i)
+    except (ValueError, RuntimeError):
+        return False
+    return all(t.is_cuda and t.device == q_t.device for t in (q_t, k_t, v_t, q_i, k_i, v_i))
+
+
+def dual_cross_attention_ref(q_t, k_t, v_t, q_i, k_i, v_i, scale=None):
+    """Plain PyTorch: two softmaxes, summed."""
+    scale = 1.0 / math.sqrt(q_t.shape[-1]) if scale is None else scale
+
+    def attn(q, k, v):
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+        return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
+    return attn(q_t, k_t, v_t) + attn(q_i, k_i, v_i)
+
+
+def compile_variants(full=False):
+    from .compile_check import Variant, make_signature, ptr
+    out = []
+    bf, f32 = torch.bfloat16, torch.float32
+    if full:
+        cases = [(D, dt, lt, li, sh) for D in (16, 40, 64, 80, 160, 256) for dt in DTYPES
+                 for lt, li in ((77, 16), (77, 64), (154, 256), (1, 1)) for sh in (False, True)]
+    else:  # SD1.5 head dims, the UNet's contexts (77 text; 16 / 64 / 256 image), shared and separate Q
+        cases = [(40, bf, 77, 16, True), (80, bf, 77, 64, False), (160, bf, 154, 256, True),
+                 (40, f32, 77, 16, False)]
+    for D, dt, lt, li, shared in cases:
+        bm, _, warps, stages = fwd_config(D, dt)
+        fl = _flags(1000, lt, li, D, dt, bm, ctx_block(lt), ctx_block(li), shared)
+        unit = ("sqtd", "sktd", "svtd", "sqid", "skid", "svid", "sod", "sdod", "sgd")
+        tag = f"D={D} {str(dt)[6:]} Lt={lt} Li={li} SHARED_Q={shared}"
+        c = dict(fl, **{n: 1 for n in unit if n in _dual_fwd.arg_names})
+        ptrs = {n: ptr(dt) for n in ("QT", "KT", "VT", "QI", "KI", "VI", "O")}
+        sig = make_signature(_dual_fwd, dict(ptrs, LSE="*fp32"), floats=("qk_scale",), constexprs=c)
+        out.append(Variant(f"_dual_fwd {tag} BM={bm} BNT={fl['BLOCK_NT']} BNI={fl['BLOCK_NI']}",
+                           _dual_fwd, sig, c, warps, stages, expect_mma=dt != f32))
+        (bm, dq_bn), (kv_bm, kv_bn), warps, stages = bwd_blocks(bwd_config(D, dt))
+        fl = _flags(1000, lt, li, D, dt, bm, ctx_block(lt, dq_bn), ctx_block(li, dq_bn), shared)
+        c = dict(fl, SUM_DQ=shared, **{n: 1 for n in unit if n in _dual_bwd_dq.arg_names})
+        ptrs = {n: ptr(dt) for n in ("QT", "KT", "VT", "QI", "KI", "VI", "DO", "DQT", "DQI")}
+        sig = make_signature(_dual_bwd_dq, dict(ptrs, LSE="*fp32", DELTA="*fp32"),
+                             floats=("qk_scale", "sm_scale"), constexprs=c)
+        out.append(Variant(f"_dual_bwd_dq {tag} BM={bm} BNT={fl['BLOCK_NT']} BNI={fl['BLOCK_NI']}",
+                           _dual_bwd_dq, sig, c, warps, stages, expect_mma=dt != f32))
+        bn = kv_bn   # the dK/dV kernel of kernels/attention.py, once per EVEN_N value the contexts need
+        for L in sorted({lt, li}, key=lambda L: L % bn == 0):
+            if L == li and lt != li and (lt % bn == 0) == (li % bn == 0):
+                continue
+            c = dict(BLOCK_M=kv_bm, BLOCK_N=bn, **head_flags(D), EVEN_M=False, EVEN_N=L % bn == 0,
+                     PREC=precision(dt), **{n: 1 for n in ("sqd", "skd", "svd", "sdod", "sdkd", "sdvd")})
+            ptrs = {n: ptr(dt) for n in ("Q", "K", "V", "DO", "DK", "DV")}
+            sig = make_signature(_attn_bwd_dkdv, dict(ptrs, LSE="*fp32", DELTA="*fp32"),
+                                 floats=("qk_scale", "sm_scale"), constexprs=c)
+            out.append(Variant(f"_attn_bwd_dkdv (dual) D={D} {str(dt)[6:]} L={L} BM={kv_bm} BN={bn}",
+                               _attn_bwd_dkdv, sig, c, warps, stages, expect_mma=dt != f32))
+    return out
+
+
+from . import _callable_module  # noqa: E402  (kernels.dual_cross_attention stays callable once this file is imported)
+_callable_module(__name__)

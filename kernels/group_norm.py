@@ -1,0 +1,406 @@
+"""GroupNorm, optionally fused with SiLU, forward and backward, in Triton.
+
+    group_norm_silu(x, weight, bias, num_groups, eps=1e-5, silu=True) -> y
+        x (N, C, *spatial) contiguous or channels-last (any layout whose spatial dims flatten to one
+        stride: read in place; others are made contiguous first); weight, bias (C,) or None;
+        y like x (same memory format), x's dtype.
+
+Supported: CUDA (or CPU under TRITON_INTERPRET=1); x fp32 / fp16 / bf16; weight/bias of any float
+dtype (fp32 parameters under bf16 autocast are fine); C divisible by num_groups; any N.
+
+Statistics in fp32, per tile a mean and a sum of squared deviations merged with Chan's parallel
+formula (no E[x^2] - E[x]^2 cancellation). The reduction over a group (C/G channels x S positions)
+is split in SPLIT chunks of positions when N*G alone would not fill the GPU:
+    SPLIT == 1:  one kernel per direction, each program owns a whole group and reads it twice
+                 (statistics, then normalise) - the second read mostly hits L2;
+    SPLIT > 1:   `_gn_stats` writes per-chunk (mean, M2, count), `_gn_fwd` merges the SPLIT partials
+                 of its group and normalises its chunk (two launches, no atomics).
+Backward: per chunk, per-channel partial sums A_c = sum(dz * xhat), B_c = sum(dz) (dz the gradient
+before the affine, through SiLU); dweight, dbias are their sums over batch and chunks (in torch,
+fp32, deterministic) and the group terms of dx follow from them: sum(dxhat) = sum_c w_c B_c,
+sum(dxhat * xhat) = sum_c w_c A_c; then dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat xhat)).
+
+Caveats: heuristics (tile sizes, split target) are not tuned on a GPU; tiny shapes would be better
+served by eager PyTorch (the dispatcher decides through supports()).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import check_device, empty, empty_like
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _tile(X, base, c, s, sc, ss, CG, S, MASK_C: tl.constexpr, MASK_S: tl.constexpr):
+    """fp32 tile (BLOCK_C, BLOCK_S) of a group at positions s, and its validity mask."""
+    ptrs = X + base + c[:, None] * sc + s[None, :] * ss
+    ok = (c[:, None] < CG) & (s[None, :] < S)
+    if MASK_C or MASK_S:
+        x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(ptrs).to(tl.float32)
+    return x, ok
+
+
+@triton.jit
+def _chunk_stats(X, base, sc, ss, CG, S, s_lo, s_hi,
+                 BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, MASK_C: tl.constexpr, MASK_S: tl.constexpr):
+    """(mean, M2, count) of the group's positions [s_lo, s_hi), by Chan's merge of tile moments."""
+    c = tl.arange(0, BLOCK_C)
+    mean = tl.full([], 0.0, tl.float32)
+    m2 = tl.full([], 0.0, tl.float32)
+    n = tl.full([], 0.0, tl.float32)
+    for s0 in range(s_lo, s_hi, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        x, ok = _tile(X, base, c, s, sc, ss, CG, S, MASK_C, MASK_S)
+        cnt = tl.sum(tl.sum(ok.to(tl.float32), 1), 0)
+        t_mean = tl.sum(tl.sum(x, 1), 0) / cnt
+        d = tl.where(ok, x - t_mean, 0.0)
+        t_m2 = tl.sum(tl.sum(d * d, 1), 0)
+        tot = n + cnt
+        delta = t_mean - mean
+        mean = mean + delta * (cnt / tot)
+        m2 = m2 + t_m2 + delta * delta * (n * cnt / tot)
+        n = tot
+    return mean, m2, n
+
+
+@triton.jit
+def _gn_stats(X, MEANP, M2P, CNTP, sxn, sxc, sxs, G, CG, S, chunk,
+              SPLIT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+              MASK_C: tl.constexpr, MASK_S: tl.constexpr):
+    """Split reduction, pass 1: program (n*G + g)*SPLIT + sp writes its chunk's moments."""
+    pid = tl.program_id(0)
+    ng = pid // SPLIT
+    sp = pid % SPLIT
+    base = (ng // G).to(tl.int64) * sxn + ((ng % G) * CG).to(tl.int64) * sxc
+    s_lo = sp * chunk
+    mean, m2, n = _chunk_stats(X, base, sxc, sxs, CG, S, s_lo, tl.minimum(s_lo + chunk, S),
+                               BLOCK_C, BLOCK_S, MASK_C, MASK_S)
+    tl.store(MEANP + pid, mean)
+    tl.store(M2P + pid, m2)
+    tl.store(CNTP + pid, n)
+
+
+@triton.jit
+def _group_moments(MEANP, M2P, CNTP, ng, SPLIT: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
+    """Merge the SPLIT partial moments of group ng: (mean, variance)."""
+    i = tl.arange(0, BLOCK_SPLIT)
+    ok = i < SPLIT
+    pm = tl.load(MEANP + ng * SPLIT + i, mask=ok, other=0.0)
+    pm2 = tl.load(M2P + ng * SPLIT + i, mask=ok, other=0.0)
+    pn = tl.load(CNTP + ng * SPLIT + i, mask=ok, other=0.0)
+    n = tl.sum(pn, 0)
+    mean = tl.sum(pn * pm, 0) / n
+    d = pm - mean
+    m2 = tl.sum(pm2 + pn * d * d, 0)
+    return mean, m2 / n
+
+
+@triton.jit
+def _gn_fwd(X, W, B, Y, MEANP, M2P, CNTP, MEAN, RSTD,
+            sxn, sxc, sxs, syn, syc, sys, G, CG, S, chunk, eps,
+            SPLIT: tl.constexpr, BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+            MASK_C: tl.constexpr, MASK_S: tl.constexpr, SILU: tl.constexpr):
+    """Normalise one chunk (the whole group when SPLIT == 1, computing its statistics first)."""
+    pid = tl.program_id(0)
+    ng = pid // SPLIT
+    sp = pid % SPLIT
+    n_i = (ng // G).to(tl.int64)
+    g = ng % G
+    xbase = n_i * sxn + (g * CG).to(tl.int64) * sxc
+    ybase = n_i * syn + (g * CG).to(tl.int64) * syc
+    s_lo = sp * chunk
+    s_hi = tl.minimum(s_lo + chunk, S)
+    if SPLIT == 1:
+        mean, m2, cnt = _chunk_stats(X, xbase, sxc, sxs, CG, S, s_lo, s_hi, BLOCK_C, BLOCK_S, MASK_C, MASK_S)
+        var = m2 / cnt
+    else:
+        mean, var = _group_moments(MEANP, M2P, CNTP, ng, SPLIT, BLOCK_SPLIT)
+    rstd = 1.0 / tl.sqrt(var + eps)
+    if sp == 0:
+        tl.store(MEAN + ng, mean)
+        tl.store(RSTD + ng, rstd)
+    c = tl.arange(0, BLOCK_C)
+    if MASK_C:
+        w = tl.load(W + g * CG + c, mask=c < CG, other=0.0).to(tl.float32)
+        b = tl.load(B + g * CG + c, mask=c < CG, other=0.0).to(tl.float32)
+    else:
+        w = tl.load(W + g * CG + c).to(tl.float32)
+        b = tl.load(B + g * CG + c).to(tl.float32)
+    scale = (w * rstd)[:, None]                  # y = x * scale + shift
+    shift = (b - mean * w * rstd)[:, None]
+    for s0 in range(s_lo, s_hi, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        x, ok = _tile(X, xbase, c, s, sxc, sxs, CG, S, MASK_C, MASK_S)
+        y = x * scale + shift
+        if SILU:
+            y = y * tl.sigmoid(y)
+        ptrs = Y + ybase + c[:, None] * syc + s[None, :] * sys
+        if MASK_C or MASK_S:
+            tl.store(ptrs, y.to(Y.dtype.element_ty), mask=ok)
+        else:
+            tl.store(ptrs, y.to(Y.dtype.element_ty))
+
+
+@triton.jit
+def _dz_tile(X, DY, xbase, dybase, c, s, sxc, sxs, sdc, sds, CG, S, mean, rstd, w, b,
+             MASK_C: tl.constexpr, MASK_S: tl.constexpr, SILU: tl.constexpr):
+    """xhat and dz (the gradient w.r.t. z = xhat * w + b) for one tile; 0 outside the group."""
+    x, ok = _tile(X, xbase, c, s, sxc, sxs, CG, S, MASK_C, MASK_S)
+    dz, _ = _tile(DY, dybase, c, s, sdc, sds, CG, S, MASK_C, MASK_S)
+    xhat = (x - mean) * rstd
+    if SILU:
+        z = xhat * w[:, None] + b[:, None]
+        sig = tl.sigmoid(z)
+        dz = dz * sig * (1.0 + z * (1.0 - sig))
+    if MASK_C or MASK_S:
+        xhat = tl.where(ok, xhat, 0.0)
+    return xhat, dz, ok
+
+
+@triton.jit
+def _chunk_channel_sums(X, DY, xbase, dybase, sxc, sxs, sdc, sds, CG, S, s_lo, s_hi, mean, rstd, w, b,
+                        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, MASK_C: tl.constexpr,
+                        MASK_S: tl.constexpr, SILU: tl.constexpr):
+    c = tl.arange(0, BLOCK_C)
+    a = tl.zeros([BLOCK_C], dtype=tl.float32)
+    bsum = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for s0 in range(s_lo, s_hi, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        xhat, dz, ok = _dz_tile(X, DY, xbase, dybase, c, s, sxc, sxs, sdc, sds, CG, S, mean, rstd, w, b,
+                                MASK_C, MASK_S, SILU)
+        a += tl.sum(dz * xhat, 1)
+        bsum += tl.sum(dz, 1)
+    return a, bsum
+
+
+@triton.jit
+def _gn_bwd(X, DY, W, B, MEAN, RSTD, AP, BP, DX,
+            sxn, sxc, sxs, sdn, sdc, sds, sgn, sgc, sgs, C, G, CG, S, chunk,
+            SPLIT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+            MASK_C: tl.constexpr, MASK_S: tl.constexpr, SILU: tl.constexpr, PHASE: tl.constexpr):
+    """PHASE 0: per-channel partials A, B of this chunk -> AP, BP[(n*SPLIT + sp)*C + channel].
+    PHASE 1: dx of this chunk from the group's merged partials.
+    PHASE 2 (SPLIT == 1): both in one program, the partials kept in registers (and stored for dw/db)."""
+    pid = tl.program_id(0)
+    ng = pid // SPLIT
+    sp = pid % SPLIT
+    n_i = (ng // G).to(tl.int64)
+    g = ng % G
+    xbase = n_i * sxn + (g * CG).to(tl.int64) * sxc
+    dybase = n_i * sdn + (g * CG).to(tl.int64) * sdc
+    s_lo = sp * chunk
+    s_hi = tl.minimum(s_lo + chunk, S)
+    mean = tl.load(MEAN + ng)
+    rstd = tl.load(RSTD + ng)
+    c = tl.arange(0, BLOCK_C)
+    if MASK_C:
+        w = tl.load(W + g * CG + c, mask=c < CG, other=0.0).to(tl.float32)
+        b = tl.load(B + g * CG + c, mask=c < CG, other=0.0).to(tl.float32)
+    else:
+        w = tl.load(W + g * CG + c).to(tl.float32)
+        b = tl.load(B + g * CG + c).to(tl.float32)
+    part = (n_i * SPLIT + sp) * C + g * CG + c
+    if PHASE != 1:
+        a, bs = _chunk_channel_sums(X, DY, xbase, dybase, sxc, sxs, sdc, sds, CG, S, s_lo, s_hi, mean, rstd,
+                                    w, b, BLOCK_C, BLOCK_S, MASK_C, MASK_S, SILU)
+        if MASK_C:
+            tl.store(AP + part, a, mask=c < CG)
+            tl.store(BP + part, bs, mask=c < CG)
+        else:
+            tl.store(AP + part, a)
+            tl.store(BP + part, bs)
+    if PHASE != 0:
+        if PHASE == 1:   # merge this group's partials over the SPLIT chunks
+            a = tl.zeros([BLOCK_C], dtype=tl.float32)
+            bs = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for j in range(0, SPLIT):
+                p = (n_i * SPLIT + j) * C + g * CG + c
+                a += tl.load(AP + p, mask=c < CG, other=0.0)
+                bs += tl.load(BP + p, mask=c < CG, other=0.0)
+        inv = 1.0 / (CG * S)
+        mean_dxhat = tl.sum(w * bs, 0) * inv            # mean over the group of dxhat = dz * w
+        mean_dxhat_xhat = tl.sum(w * a, 0) * inv
+        gbase = n_i * sgn + (g * CG).to(tl.int64) * sgc
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            xhat, dz, ok = _dz_tile(X, DY, xbase, dybase, c, s, sxc, sxs, sdc, sds, CG, S, mean, rstd, w, b,
+                                    MASK_C, MASK_S, SILU)
+            dx = rstd * (dz * w[:, None] - mean_dxhat - xhat * mean_dxhat_xhat)
+            ptrs = DX + gbase + c[:, None] * sgc + s[None, :] * sgs
+            if MASK_C or MASK_S:
+                tl.store(ptrs, dx.to(DX.dtype.element_ty), mask=ok)
+            else:
+                tl.store(ptrs, dx.to(DX.dtype.element_ty))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+TILE_ELEMENTS = 4096       # BLOCK_C * BLOCK_S per tile
+TARGET_PROGRAMS = 4 * 132  # split until about this many programs run (H100: 132 SMs)
+
+
+def plan(N, C, S, G, split=None, target=None):
+    """Tile sizes and split: (BLOCK_C, BLOCK_S, SPLIT, chunk, num_warps)."""
+    CG = C // G
+    bc = triton.next_power_of_2(CG)
+    bs = max(16, min(triton.next_power_of_2(S), TILE_ELEMENTS // bc))
+    if split is None:
+        target = target or TARGET_PROGRAMS
+        split = max(1, min(triton.cdiv(target, N * G), triton.cdiv(S, 4 * bs), 64))
+    chunk = triton.cdiv(triton.cdiv(S, split), bs) * bs   # a whole number of tiles per chunk
+    split = triton.cdiv(S, chunk)
+    warps = 4 if bc * bs <= 2048 else 8
+    return bc, bs, split, chunk, warps
+
+
+def _flat(x):
+    """(N, C, *spatial) -> a (N, C, S) view when the spatial dims share one stride, else a copy."""
+    N, C = x.shape[:2]
+    try:
+        return x.view(N, C, -1)
+    except RuntimeError:
+        return x.contiguous().view(N, C, -1)
+
+
+def _target():
+    if torch.cuda.is_available():
+        return 4 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return TARGET_PROGRAMS
+
+
+def gn_fwd(x, weight, bias, G, eps, silu, split=None):
+    N, C = x.shape[:2]
+    x3 = _flat(x)
+    S = x3.shape[2]
+    bc, bs, split, chunk, warps = plan(N, C, S, G, split, _target())
+    y = empty_like(x)   # x's memory format (contiguous or channels-last)
+    y3 = _flat(y)
+    mean = empty((N * G,), x, torch.float32)
+    rstd = empty((N * G,), x, torch.float32)
+    flags = dict(BLOCK_C=bc, BLOCK_S=bs, MASK_C=bc != C // G, MASK_S=S % bs != 0, num_warps=warps)
+    if split > 1:
+        mp, m2p, cp = (empty((N * G * split,), x, torch.float32) for _ in range(3))
+        _gn_stats[(N * G * split,)](x3, mp, m2p, cp, *x3.stride(), G, C // G, S, chunk, SPLIT=split, **flags)
+    else:
+        mp = m2p = cp = mean
+    _gn_fwd[(N * G * split,)](x3, weight, bias, y3, mp, m2p, cp, mean, rstd, *x3.stride(), *y3.stride(),
+                              G, C // G, S, chunk, eps, SPLIT=split, BLOCK_SPLIT=triton.next_power_of_2(split),
+                              SILU=silu, **flags)
+    return y, mean, rstd, split
+
+
+def gn_bwd(x, dy, weight, bias, mean, rstd, G, silu, split):
+    N, C = x.shape[:2]
+    x3, dy3 = _flat(x), _flat(dy)
+    S = x3.shape[2]
+    bc, bs, _, chunk, warps = plan(N, C, S, G, split)
+    dx = empty_like(x)
+    dx3 = _flat(dx)
+    ap = empty((N, split, C), x, torch.float32)
+    bp = empty((N, split, C), x, torch.float32)
+    flags = dict(BLOCK_C=bc, BLOCK_S=bs, MASK_C=bc != C // G, MASK_S=S % bs != 0, SILU=silu, num_warps=warps)
+    args = (x3, dy3, weight, bias, mean, rstd, ap, bp, dx3, *x3.stride(), *dy3.stride(), *dx3.stride(),
+            C, G, C // G, S, chunk)
+    grid = (N * G * split,)
+    if split == 1:
+        _gn_bwd[grid](*args, SPLIT=1, PHASE=2, **flags)
+    else:
+        _gn_bwd[grid](*args, SPLIT=split, PHASE=0, **flags)
+        _gn_bwd[grid](*args, SPLIT=split, PHASE=1, **flags)
+    dw = ap.sum((0, 1))
+    db = bp.sum((0, 1))
+    return dx, dw, db
+
+
+class _GroupNormSiLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, G, eps, silu, has_w, has_b, split):
+        y, mean, rstd, split = gn_fwd(x, weight, bias, G, eps, silu, split)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.G, ctx.silu, ctx.split, ctx.has = G, silu, split, (has_w, has_b)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        dx, dw, db = gn_bwd(x, dy, weight, bias, mean, rstd, ctx.G, ctx.silu, ctx.split)
+        dw = dw.to(weight.dtype) if ctx.has[0] and ctx.needs_input_grad[1] else None
+        db = db.to(bias.dtype) if ctx.has[1] and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None, None, None, None, None
+
+
+def check_inputs(x, weight, bias, num_groups):
+    check_device(x)
+    if x.dim() < 2 or x.dtype not in DTYPES:
+        raise ValueError(f"group_norm_silu: x must be (N, C, *spatial) fp32/fp16/bf16; got {tuple(x.shape)} {x.dtype}")
+    C = x.shape[1]
+    if num_groups < 1 or C % num_groups:
+        raise ValueError(f"group_norm_silu: {C} channels are not divisible into {num_groups} groups")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.shape != (C,) or not t.is_floating_point() or t.device != x.device):
+            raise ValueError(f"group_norm_silu: {name} must be ({C},) floating, on {x.device}")
+    if x.numel() == 0:
+        raise ValueError("group_norm_silu: empty input")
+
+
+def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, silu=True, split=None):
+    """GroupNorm (fp32 statistics) then SiLU when silu. split: force SPLIT (tests, tuning)."""
+    check_inputs(x, weight, bias, num_groups)
+    C = x.shape[1]
+    w = weight if weight is not None else torch.ones(C, device=x.device, dtype=torch.float32)
+    b = bias if bias is not None else torch.zeros(C, device=x.device, dtype=torch.float32)
+    return _GroupNormSiLU.apply(x, w, b, num_groups, float(eps), bool(silu), weight is not None,
+                                bias is not None, split)
+
+
+def supports(x, *rest) -> bool:
+    """The dispatcher asks with x alone (weight/bias/groups come at the call, checked there)."""
+    try:
+        check_device(x)
+    except RuntimeError:
+        return False
+    return x.is_cuda and x.dim() >= 3 and x.dtype in DTYPES and x.numel() > 0
+
+
+def group_norm_silu_ref(x, weight, bias, num_groups, eps=1e-5, silu=True):
+    y = torch.nn.functional.group_norm(x, num_groups, weight, bias, eps)
+    return torch.nn.functional.silu(y) if silu else y
+
+
+def compile_variants(full=False):
+    from .compile_check import Variant, make_signature, ptr
+    out = []
+    # (C, S, N, dtype, layout): the UNet's levels (320/640/1280 channels at 32/16/8 latent) plus ragged S
+    cases = [(320, 32 * 32, 16, torch.bfloat16, "cf"), (640, 16 * 16, 1, torch.bfloat16, "cl"),
+             (1280, 8 * 8, 2, torch.float16, "cf"), (320, 33, 1, torch.float32, "cf"),
+             (128, 256 * 256, 1, torch.bfloat16, "cl")]
+    if full:
+        cases += [(C, S, N, dt, lay) for C in (128, 256, 512, 320, 640, 1280) for S in (64, 1024, 4096, 37)
+                  for N in (1, 32) for dt in DTYPES for lay in ("cf", "cl")]
+    for C, S, N, dt, lay in cases:
+        bc, bs, split, chunk, warps = plan(N, C, S, 32)
+        unit = ("sxs", "sys", "sds", "sgs") if lay == "cf" else ("sxc", "syc", "sdc", "sgc")
+        base = dict(BLOCK_C=bc, BLOCK_S=bs, MASK_C=bc != C // 32, MASK_S=S % bs != 0)
+        tag = f"C={C} S={S} N={N} {str(dt)[6:]} {lay} SPLIT={split} BC={bc} BS={bs}"
+        ks = [(_gn_fwd, dict(base, SPLIT=split, BLOCK_SPLIT=triton.next_power_of_2(split), SILU=True),
+               dict(X=ptr(dt), W="*fp32", B="*fp32", Y=ptr(dt), MEANP="*fp32", M2P="*fp32", CNTP="*fp32",
+                    MEAN="*fp32", RSTD="*fp32"), ("eps",))]
+        if split > 1:
+            ks.append((_gn_stats, dict(base, SPLIT=split),
+                       dict(X=ptr(dt), MEANP="*fp32", M2P="*fp32", CNTP="*fp32"), ()))
+        for phase in ((2,) if split == 1 else (0, 1)):
+            ks.append((_gn_bwd, dict(base, SPLIT=split, SILU=True, PHASE=phase),
+                       dict(X=ptr(dt), DY=ptr(dt), W="*fp32", B="*fp32", MEAN="*fp32", RSTD="*fp32",
+                            AP="*fp32", BP="*fp32", DX=ptr(dt)), ()))
+        for kernel, const, ptrs, floats in ks:
+            c = dict(const, **{n: 1 for n in unit if n in kernel.arg_names})
+            sig = make_signature(kernel, ptrs, floats=floats, constexprs=c)
+            out.append(Variant(f"{kernel.__name__} {tag} {const.get('PHASE', '')}".strip(), kernel, sig, c,
+                               warps, 1 if kernel is _gn_fwd and split == 1 else 2))
+    return out
