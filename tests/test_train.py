@@ -1,0 +1,203 @@
+"""tools/train.py end to end on a tiny phantom (CPU): every stage, exact resume, 2-process DDP,
+stage-2 freezing, refusals and bad input. Models are the tiny preset shrunk further (32x32)."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+import torch
+
+from heartbeat import checkpoint as ckpt
+from tools.train import main as train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--image_size=32", "--vae_channels=8,16,32", "--vae_norm_groups=8", "--unet_channels=32,32,32",
+        "--norm_groups=8", "--context_dim=32", "--text_width=32", "--text_layers=1", "--text_tokens=16",
+        "--prior_tokens=4", "--prior_dim=32", "--cond_channels=8,8,16", "--frames=4", "--num_workers=0", "--log_every=1",
+        "--sample_every=0", "--warmup_steps=2", "--lr=1e-3"]
+
+
+def run(*args, expect=0):
+    rc = train_main(list(args))
+    assert rc == expect, f"tools/train.py {' '.join(args)} returned {rc}"
+    return rc
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from data_prep.phantom import build
+    root = tmp_path_factory.mktemp("phantom")
+    build(root / "echo", clips=6, frames=4, size=32, seed=0, progress=False)
+    build(root / "cmr", clips=4, frames=4, size=32, seed=0, cmr=True, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def chain(data, tmp_path_factory):
+    """vae -> pretrain -> finetune -> cmr, a few steps each, in one runs folder."""
+    out = tmp_path_factory.mktemp("runs")
+    common = TINY + [f"--out={out}", "--batch_size=4", "--ckpt_every=3"]
+    run("--stage=vae", *common, f"--data={data / 'echo'}", "--max_steps=3")
+    vae = out / "000-vae-tiny"
+    run("--stage=pretrain", *common, f"--data={data / 'echo'}", "--max_steps=6", f"--vae={vae}")
+    run("--stage=finetune", *TINY, f"--out={out}", "--batch_size=2", "--ckpt_every=3",
+        f"--data={data / 'echo'}", "--max_steps=3")
+    run("--stage=cmr", *TINY, f"--out={out}", "--batch_size=2", "--ckpt_every=3",
+        f"--data={data / 'cmr'}", "--max_steps=3")
+    return out
+
+
+def test_every_stage_trains_and_writes_its_files(chain):
+    names = sorted(p.name for p in chain.iterdir())
+    assert names == ["000-vae-tiny", "001-pretrain-tiny", "002-finetune-tiny", "003-cmr-tiny"]
+    for name in names:
+        run_dir = chain / name
+        assert (run_dir / "config.json").exists() and (run_dir / "samples.png").stat().st_size > 100
+        w = ckpt.read_weights(ckpt.find_weights(run_dir))
+        assert w.stage == name.split("-")[1] and w.preset == "tiny" and w.ema
+        assert all(torch.isfinite(v).all() for v in w.model.values())
+    fin = ckpt.read_weights(ckpt.find_weights(chain / "002-finetune-tiny")).config
+    assert fin.model.temporal and "flow" in fin.model.conditions
+    cmr = ckpt.read_weights(ckpt.find_weights(chain / "003-cmr-tiny")).config
+    assert cmr.model.conditions == ("mask",)
+
+
+def test_load_for_sampling(chain):
+    cfg, parts, ema = ckpt.load_for_sampling(chain / "001-pretrain-tiny")
+    assert cfg.train.stage == "pretrain" and parts["unet"] is not None and parts["vae"] is not None
+    unet = dict(parts["unet"].named_parameters(prefix="unet"))
+    names = [k for k in ema if k.startswith("unet.")]
+    assert names and all(torch.equal(unet[k], ema[k]) for k in names)      # the EMA weights are loaded
+
+
+def test_finetune_freezes_spatial_weights_bit_identical(chain):
+    from heartbeat.unet import UNet
+    init = ckpt.read_weights(ckpt.find_weights(chain / "001-pretrain-tiny")).ema_model_state()
+    after = ckpt.read_weights(ckpt.find_weights(chain / "002-finetune-tiny"))
+    trained = [k for k in after.model if UNet.is_temporal_name(k) or k.startswith("conditioner.local.flow.")]
+    frozen = [k for k in after.model if k not in trained]
+    assert trained and frozen
+    assert set(after.ema) == set(trained)
+    same = [k for k in frozen if torch.equal(after.model[k], init[k])]
+    assert same == frozen, f"changed frozen tensors: {sorted(set(frozen) - set(same))[:5]}"
+    assert any(not torch.equal(after.model[k], torch.zeros_like(after.model[k])) for k in trained
+               if k.endswith("to_out.0.weight") or k.endswith("proj_out.weight"))
+
+
+def test_resume_is_exact(data, tmp_path):
+    args = TINY + [f"--data={data / 'echo'}", f"--out={tmp_path}", "--batch_size=4", "--max_steps=10",
+                   "--ckpt_every=5", "--keep_ckpts=0", "--stage=vae"]
+    run(*args)
+    full = tmp_path / "000-vae-tiny"
+    half = tmp_path / "half"
+    shutil.copytree(full, half)
+    for f in ("ckpt-0000010.safetensors", "state-0000010.pt"):
+        (half / f).unlink()
+    run("--stage=vae", f"--resume={half}")
+    a = ckpt.read_weights(full / "ckpt-0000010.safetensors")
+    b = ckpt.read_weights(half / "ckpt-0000010.safetensors")
+    for k in a.model:
+        assert torch.equal(a.model[k], b.model[k]), k
+    for k in a.ema:
+        assert torch.equal(a.ema[k], b.ema[k]), k
+    sa, sb = ckpt.load_state(full / "state-0000010.pt"), ckpt.load_state(half / "state-0000010.pt")
+    assert sa["data"] == sb["data"]
+
+
+def test_resume_is_exact_for_the_diffusion_model(chain, data, tmp_path):
+    """pretrain: 3 steps saved, resumed to 6 == the chain's uninterrupted 6 steps."""
+    full = chain / "001-pretrain-tiny"
+    half = tmp_path / "half"
+    shutil.copytree(full, half)
+    for f in ("ckpt-0000006.safetensors", "state-0000006.pt"):
+        (half / f).unlink()
+    run("--stage=pretrain", f"--resume={half}")
+    a = ckpt.read_weights(full / "ckpt-0000006.safetensors")
+    b = ckpt.read_weights(half / "ckpt-0000006.safetensors")
+    bad = [k for k in a.model if not torch.equal(a.model[k], b.model[k])]
+    bad += [k for k in a.ema if not torch.equal(a.ema[k], b.ema[k])]
+    assert not bad, bad[:5]
+
+
+def test_loss_falls_when_overfitting(data, tmp_path):
+    import json
+    run("--stage=vae", *TINY, f"--data={data / 'echo'}", f"--out={tmp_path}", "--batch_size=4",
+        "--max_steps=30", "--ckpt_every=30", "--lr=3e-3", "--warmup_steps=3")
+    losses = [v for _, v in json.loads((tmp_path / "000-vae-tiny" / "loss.json").read_text())]
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:3]) / 3, losses
+
+
+def test_refuses_wrong_stage_and_preset(chain, capsys):
+    run("--stage=finetune", f"--resume={chain / '001-pretrain-tiny'}", expect=2)
+    err = capsys.readouterr().err
+    assert "'pretrain' checkpoint" in err and "'finetune'" in err
+    run("--stage=finetune", "--preset=small", f"--init={chain / '001-pretrain-tiny'}", expect=2)
+    err = capsys.readouterr().err
+    assert "preset 'tiny'" in err and "preset 'small'" in err
+    run("--stage=cmr", *TINY, f"--init={chain / '001-pretrain-tiny'}", f"--out={chain}", expect=2)
+    assert "'pretrain' checkpoint" in capsys.readouterr().err
+
+
+def test_bad_input_is_one_clear_message(data, chain, tmp_path, capsys):
+    base = TINY + ["--stage=vae", "--max_steps=1", f"--out={tmp_path / 'runs'}"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run(*base, f"--data={empty}", expect=2)
+    assert "train.h5 not found" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(data / "echo", broken)
+    with h5py.File(broken / "train.h5", "a") as f:
+        del f["mask"]
+    run("--stage=pretrain", *TINY, "--max_steps=1", f"--data={broken}", f"--vae={chain / '000-vae-tiny'}",
+        f"--out={tmp_path / 'runs'}", expect=2)
+    assert "'mask' is missing" in capsys.readouterr().err
+    trunc = tmp_path / "trunc"
+    trunc.mkdir()
+    raw = (data / "echo" / "train.h5").read_bytes()
+    (trunc / "train.h5").write_bytes(raw[: len(raw) // 3])
+    run(*base, f"--data={trunc}", expect=2)
+    assert "error:" in capsys.readouterr().err
+    run(*base, f"--data={data / 'echo'}", "--batch_size=6", "--grad_accum=4", expect=2)
+    assert "not divisible" in capsys.readouterr().err
+    # an --out that holds a run: refused, nothing touched; --force trains into it
+    old = chain / "000-vae-tiny"
+    before = {p.name: p.stat().st_mtime_ns for p in old.iterdir()}
+    run(*TINY, "--stage=vae", "--max_steps=1", f"--data={data / 'echo'}", f"--out={old}", expect=2)
+    assert "--resume" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in old.iterdir()} == before
+    run(*TINY, "--stage=pretrain", "--bogus=1", expect=2)
+    assert "unknown option --bogus" in capsys.readouterr().err
+    assert not list((tmp_path / "runs").glob("*/ckpt-*")) if (tmp_path / "runs").exists() else True
+
+
+def test_non_finite_steps_are_skipped_then_stop(data, tmp_path, capsys):
+    run("--stage=vae", *TINY, f"--data={data / 'echo'}", f"--out={tmp_path}", "--batch_size=4",
+        "--max_steps=20", "--lr=1e30", "--warmup_steps=0", "--grad_clip=0", "--max_bad_steps=2", expect=2)
+    err = capsys.readouterr()
+    assert "2 consecutive steps had a non-finite" in err.err
+
+
+def _ddp_args(data, out, extra=()):
+    return TINY + ["--stage=pretrain", f"--data={data / 'echo'}", f"--out={out}", "--batch_size=4",
+                   "--max_steps=3", "--ckpt_every=3", "--conditions=text,sketch,mask,mv", *extra]
+
+
+def test_ddp_two_processes_match_one(chain, data, tmp_path):
+    """2 gloo processes x 2 samples == 1 process x 4 samples (per-sample noise; no BatchNorm in use)."""
+    vae = f"--vae={chain / '000-vae-tiny'}"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tools" / "train.py")] + _ddp_args(data, tmp_path / "ddp", [vae])
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    run(*_ddp_args(data, tmp_path / "one", [vae]))
+    a = ckpt.read_weights(ckpt.find_weights(tmp_path / "ddp" / "000-pretrain-tiny"))
+    b = ckpt.read_weights(ckpt.find_weights(tmp_path / "one" / "000-pretrain-tiny"))
+    assert a.meta["step"] == "3"
+    worst = max((a.model[k] - b.model[k]).abs().max().item() for k in a.model)
+    assert worst < 1e-4, worst
+    out_conv = "unet.out.2.weight"                 # zero-initialised: it moved, so the test compares updates
+    assert a.model[out_conv].abs().max() > 1e-4

@@ -1,0 +1,477 @@
+"""Train HeartBeat: one stage per run, one plain loop (nanoGPT train.py / EDM training_loop.py).
+
+    bash train.sh pretrain                                 # the newcomer's run: phantom -> VAE -> stage 1
+    python tools/train.py --stage=vae --preset=tiny --max_steps=800
+    torchrun --standalone --nproc_per_node=8 tools/train.py --stage=pretrain --preset=sd15 \
+        --data=data/camus --vae=sd15/vae.safetensors --batch_size=64
+    python tools/train.py --stage=finetune --init=runs/004-pretrain-tiny
+    python tools/train.py --stage=pretrain --resume=runs/004-pretrain-tiny --max_steps=4000
+
+Options: --stage, --preset, and every config field as --key=value (heartbeat/config.py; an
+unknown key is an error listing the valid ones). Stages (DESIGN.md §1):
+    vae        the AutoencoderKL from scratch on frames.
+    pretrain   stage 1, image LDM with every condition of --conditions and condition dropout; the
+               VAE (--vae, else the newest runs/NNN-vae-PRESET, else one is trained first) and the
+               image prior are frozen; the byte-level text encoder trains when --text_trainable.
+    finetune   stage 2: the stage-1 UNet (--init, else the newest pretrain run) is inflated; only
+               temporal layers and the new flow encoder train, on clips.
+    cmr        few-shot CMR: from a stage-2 checkpoint (--init, else the newest finetune run), mask
+               volumes as the only condition, on --data (default data/phantom_cmr, built if absent).
+    seg        the segmenter of the mask-agreement metric (heartbeat/segmenter.py).
+
+Each run writes runs/NNN-STAGE-PRESET/: config.json (the resolved config), ckpt-N.safetensors
+(weights + EMA + config; what tools/sample.py loads), state-N.pt (the resume state), tb/ (TensorBoard),
+samples/ (preview grids), and for stage 1 samples.png at the end. Defaults per stage and preset that
+differ from the config's (e.g. fewer steps for the tiny CPU run) are in STAGE_DEFAULTS and printed;
+anything on the command line wins.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from heartbeat import checkpoint as ckpt  # noqa: E402
+from heartbeat.config import PRESETS, ConfigError, Config, apply_overrides, get_config  # noqa: E402
+from heartbeat.trainer import (PREVIOUS_STAGE, EpochSampler, TrainError, build_model, find_run, init_model,  # noqa: E402
+                               lr_at, make_dataset, make_loader, prepare_data, preview, to_device,
+                               write_png)
+
+# Stage defaults by preset, applied before the command line's overrides. The tiny ones make the
+# newcomer's `bash train.sh pretrain` (VAE + stage 1) finish in about 10 minutes on 2 CPU cores.
+STAGE_DEFAULTS = {
+    "tiny": {
+        "vae": ["--max_steps=200", "--batch_size=16", "--lr=1e-3", "--warmup_steps=20", "--ckpt_every=100",
+                "--sample_every=100", "--ema_halflife_steps=50"],
+        "pretrain": ["--max_steps=400", "--batch_size=32", "--lr=1e-3", "--warmup_steps=40",
+                     "--ckpt_every=200", "--sample_every=200", "--ema_halflife_steps=100"],
+        "finetune": ["--max_steps=400", "--batch_size=4", "--lr=5e-4", "--warmup_steps=50",
+                     "--ckpt_every=200", "--sample_every=200", "--ema_halflife_steps=50"],
+        "cmr": ["--max_steps=300", "--batch_size=4", "--lr=3e-4", "--warmup_steps=30",
+                "--ckpt_every=150", "--sample_every=150", "--ema_halflife_steps=30"],
+    },
+}
+DEFAULT_DATA = "data/phantom"
+PHANTOM = {"data/phantom": dict(clips=256, cmr=False), "data/phantom_cmr": dict(clips=64, cmr=True)}
+
+
+# ------------------------------------------------------------------------------- distributed
+
+class Dist:
+    """rank / world / device; DDP only when torchrun set RANK (nccl on GPU, gloo on CPU)."""
+
+    def __init__(self):
+        self.enabled = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) >= 1 and "LOCAL_RANK" in os.environ
+        self.rank = int(os.environ.get("RANK", 0)) if self.enabled else 0
+        self.world = int(os.environ.get("WORLD_SIZE", 1)) if self.enabled else 1
+        self.local = int(os.environ.get("LOCAL_RANK", 0)) if self.enabled else 0
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", self.local)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.main = self.rank == 0
+
+    def barrier(self):
+        if self.enabled:
+            dist.barrier()
+
+    def broadcast(self, obj):
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_ok(self, ok: bool, message: str = "") -> None:
+        """Raise TrainError on every rank if any rank failed (keeps ranks from hanging)."""
+        if not self.enabled:
+            if not ok:
+                raise TrainError(message)
+            return
+        flags = [None] * self.world
+        dist.all_gather_object(flags, (ok, message))
+        bad = [m for o, m in flags if not o]
+        if bad:
+            raise TrainError(bad[0])
+
+    def close(self):
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def log(d: Dist, *args):
+    if d.main:
+        print(*args, flush=True)
+
+
+# -------------------------------------------------------------------------------- config
+
+def parse_args(argv: list[str]) -> tuple[str, str | None, list[str]]:
+    """-> (stage, preset or None, the other --key=value overrides)."""
+    stage, preset, rest = None, None, []
+    for a in argv:
+        key = a[2:].partition("=")[0].replace("-", "_") if a.startswith("--") else ""
+        if key == "stage":
+            stage = a.partition("=")[2]
+        elif key == "preset":
+            preset = a.partition("=")[2]
+        elif a in ("-h", "--help"):
+            print(__doc__)
+            raise SystemExit(0)
+        else:
+            rest.append(a)
+    if not stage:
+        raise ConfigError("--stage is required: --stage=vae|pretrain|finetune|cmr|seg")
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return stage, preset, rest
+
+
+def _stage_base(stage: str, conditions: tuple) -> list[str]:
+    """Options every preset gets for a stage (before the preset's STAGE_DEFAULTS and the command line)."""
+    if stage == "finetune":   # the video model: inflated UNet, the stage-1 conditions + optical flow
+        conds = tuple(conditions) + (() if "flow" in conditions else ("flow",))
+        return ["--temporal=true", "--conditions=" + ",".join(conds)]
+    if stage == "cmr":        # mask volumes are the only condition
+        return ["--temporal=true", "--conditions=mask", "--data=data/phantom_cmr"]
+    return []
+
+
+def resolve_config(stage: str, preset: str | None, overrides: list[str]) -> Config:
+    """preset + stage options + command line. With --resume: the run's own config + command line.
+    finetune / cmr take the model options of the checkpoint they start from (--init, else the
+    newest previous-stage run in --out)."""
+    probe = apply_overrides(get_config(preset or "tiny"), [f"--stage={stage}"] + overrides)
+    if probe.train.resume:
+        w, _ = ckpt.find_resume(probe.train.resume)
+        meta = ckpt.read_meta(w)
+        ckpt.check_compatible(meta, stage, preset, what=f"--resume={probe.train.resume}", path=w)
+        saved = ckpt.read_weights(w).config
+        cfg = apply_overrides(Config.from_dict(saved.to_dict()), [f"--stage={stage}"] + overrides)
+        changed = [k for k, v in cfg.to_dict()["model"].items() if saved.to_dict()["model"][k] != v]
+        if changed:
+            raise ConfigError(f"--resume: the model options {', '.join('--' + k for k in changed)} differ from "
+                              f"the run's; a resumed run keeps its model (start a new run with --init instead)")
+        return cfg
+    preset = preset or "tiny"
+    defaults = STAGE_DEFAULTS.get(preset, {}).get(stage, [])
+    base = get_config(preset)
+    if stage in PREVIOUS_STAGE:
+        src = probe.train.init or find_run(probe.train.out, PREVIOUS_STAGE[stage][0], preset)
+        if src:
+            w = ckpt.find_weights(src)
+            ckpt.check_compatible(ckpt.read_meta(w), PREVIOUS_STAGE[stage], preset, what=f"--init={src}", path=w)
+            saved = ckpt.read_weights(w).config
+            base = Config.from_dict({"model": saved.to_dict()["model"], "train": base.to_dict()["train"]})
+            overrides = [f"--init={src}"] + overrides
+    args = [f"--stage={stage}"] + _stage_base(stage, base.model.conditions) + defaults + overrides
+    return apply_overrides(base, args)
+
+
+def check_batch(cfg: Config, world: int) -> int:
+    """Per-rank micro-batch; global batch = per-rank x grad_accum x world, asserted."""
+    t = cfg.train
+    if t.batch_size < 1 or t.grad_accum < 1:
+        raise ConfigError(f"--batch_size={t.batch_size} and --grad_accum={t.grad_accum} must be >= 1")
+    denom = t.grad_accum * world
+    if t.batch_size % denom:
+        raise ConfigError(f"--batch_size={t.batch_size} (global) is not divisible by grad_accum x world size = "
+                          f"{t.grad_accum} x {world} = {denom}; choose a multiple of {denom}")
+    per_rank = t.batch_size // denom
+    assert per_rank * t.grad_accum * world == t.batch_size
+    return per_rank
+
+
+# ------------------------------------------------------------------------------- run folders
+
+def make_run_dir(cfg: Config, d: Dist) -> Path:
+    """runs/NNN-STAGE-PRESET inside --out; --out that is itself a run folder needs --force."""
+    out = Path(cfg.train.out)
+    if (out / "config.json").exists():
+        if not cfg.train.force:
+            try:
+                old = json.loads((out / "config.json").read_text())["train"]
+                what = f"a '{old.get('stage')}' run"
+            except (OSError, ValueError, KeyError):
+                what = "a run"
+            raise TrainError(f"--out={out} already holds {what} (config.json); continue it with --resume={out}, "
+                             f"choose another --out (a parent folder such as runs), or pass --force to train into it")
+        return out
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out={out} is a file, not a folder")
+    name = None
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        nums = [int(p.name.split("-")[0]) for p in out.iterdir() if p.is_dir() and p.name.split("-")[0].isdigit()]
+        n = max(nums, default=-1) + 1
+        while True:
+            name = f"{n:03d}-{cfg.train.stage}-{cfg.model.preset}"
+            try:
+                (out / name).mkdir()
+                break
+            except FileExistsError:
+                n += 1
+    return out / d.broadcast(name)
+
+
+def describe_params(model, trainable) -> str:
+    n_all = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for _, p in trainable)
+    return f"{n_train / 1e6:.2f}M trainable of {n_all / 1e6:.2f}M parameters"
+
+
+# ---------------------------------------------------------------------------------- the loop
+
+def train(cfg: Config, d: Dist) -> Path:
+    """Train one stage; returns the run folder."""
+    t, m = cfg.train, cfg.model
+    per_rank = check_batch(cfg, d.world)
+    resume = ckpt.find_resume(t.resume) if t.resume else None
+    dataset = make_dataset(cfg, "train")
+    torch.manual_seed(t.seed)                                    # same init on every rank
+    model = build_model(cfg)
+    init_model(model, cfg, log=lambda *a: log(d, *a))            # --init / --vae weights, then freezing
+    model.to(d.device)
+    trainable = model.trainable_parameters()
+    if not trainable:
+        raise TrainError(f"stage {t.stage}: nothing to train (no parameter requires grad)")
+    opt = torch.optim.AdamW([p for _, p in trainable], lr=t.lr, betas=tuple(t.adam_betas),
+                            weight_decay=t.weight_decay)
+    ema = ckpt.EMA(trainable, t.ema_halflife_steps, t.ema_rampup)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=False)   # bf16 needs no loss scaling
+    step, bad_total = 0, 0
+    gen = torch.Generator(device=d.device).manual_seed(t.seed + 1_000 * d.rank)  # anything not per-sample
+    if resume is not None:
+        run_dir = resume[0].parent
+        w = ckpt.read_weights(resume[0])
+        model.load_model_state(w.model, what=str(resume[0]))
+        ema.load_state_dict(w.ema)
+        state = ckpt.load_state(resume[1])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step, bad_total = int(state["step"]), int(state.get("bad_steps", 0))
+        rng = state["rng"]
+        if state.get("world", 1) != d.world:
+            log(d, f"note: resumed with {d.world} processes, saved with {state.get('world')}: RNG streams differ")
+        ckpt.restore_rng(rng[min(d.rank, len(rng) - 1)], {"gen": gen})
+        log(d, f"resumed {resume[0]} at step {step}")
+    else:
+        run_dir = make_run_dir(cfg, d)
+    if d.main:
+        ckpt.atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
+    log(d, f"run {run_dir}  stage={t.stage} preset={m.preset}  {describe_params(model, trainable)}")
+    log(d, f"batch {t.batch_size} = {per_rank} per rank x {t.grad_accum} accumulation x {d.world} processes; "
+           f"{len(dataset)} training items; device {d.device}")
+
+    loss_module = model.loss_module()
+    net = loss_module
+    if d.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            loss_module, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+            find_unused_parameters=model.may_skip_parameters)
+    sampler = EpochSampler(len(dataset), per_rank, d.world, d.rank, t.grad_accum, t.seed, start_step=step)
+    batches = iter(make_loader(dataset, sampler, t.num_workers, t.seed))
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda"
+                else contextlib.nullcontext())
+    writer = None
+    if d.main:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(run_dir / "tb"))
+    bar = None
+    if d.main:
+        from tqdm import tqdm
+        bar = tqdm(total=t.max_steps, initial=step, desc=t.stage, dynamic_ncols=True,
+                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    params = [p for _, p in trainable]
+    bad_run, last_log, t_log = 0, step, time.time()
+    loss_sum = torch.zeros((), device=d.device)
+    items_per_step = t.batch_size * (dataset.frames_per_item if hasattr(dataset, "frames_per_item") else 1)
+    losses = []
+    model.train()
+    while step < t.max_steps:
+        lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_acc = torch.zeros((), device=d.device)
+        for micro in range(t.grad_accum):
+            batch = to_device(next(batches), d.device)
+            sync = micro == t.grad_accum - 1 or not d.enabled
+            with (contextlib.nullcontext() if sync else net.no_sync()):
+                with autocast:
+                    loss, _ = net(batch)
+                (loss / t.grad_accum).backward()
+            loss_acc += loss.detach().float() / t.grad_accum
+        gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+        finite = bool(torch.isfinite(gnorm)) and bool(torch.isfinite(loss_acc))
+        if d.enabled:                                     # every rank takes the same decision
+            flag = torch.tensor([0.0 if finite else 1.0], device=d.device)
+            dist.all_reduce(flag)
+            finite = flag.item() == 0
+        if finite:
+            opt.step()
+            ema.update(trainable, step + 1)
+            bad_run = 0
+        else:
+            bad_run += 1
+            bad_total += 1
+            log(d, f"\nstep {step}: non-finite loss or gradient (loss {loss_acc.item():.4g}, grad norm "
+                   f"{gnorm.item():.4g}); update skipped ({bad_run} in a row, {bad_total} in total)")
+            if bad_run >= t.max_bad_steps:
+                raise TrainError(f"{bad_run} consecutive steps had a non-finite loss or gradient (step {step}); "
+                                 f"training stopped. Lower --lr (now {t.lr}), check the data, or resume from "
+                                 f"the last checkpoint in {run_dir} with --resume={run_dir}")
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if finite:
+            loss_sum += loss_acc
+        if bar is not None:
+            bar.update(1)
+
+        if step % t.log_every == 0 or step == t.max_steps:
+            if d.enabled:
+                dist.all_reduce(loss_sum)
+                loss_sum /= d.world
+            n = max(1, step - last_log)
+            mean_loss = loss_sum.item() / n
+            dt = time.time() - t_log
+            ips = items_per_step * n / max(dt, 1e-9)
+            losses.append((step, mean_loss))
+            if d.main:
+                peak = (torch.cuda.max_memory_allocated(d.device) / 2 ** 30 if d.device.type == "cuda"
+                        else _peak_rss_gib())
+                writer.add_scalar("train/loss", mean_loss, step)
+                writer.add_scalar("train/lr", lr, step)
+                writer.add_scalar("train/grad_norm", gnorm.item(), step)
+                writer.add_scalar("train/items_per_s", ips, step)
+                writer.add_scalar("train/peak_mem_gib", peak, step)
+                writer.add_scalar("train/bad_steps", bad_total, step)
+                bar.set_postfix_str(f"loss {mean_loss:.4f} lr {lr:.2e} {ips:.1f} img/s", refresh=False)
+            loss_sum.zero_()
+            last_log, t_log = step, time.time()
+
+        if step % t.ckpt_every == 0 or step == t.max_steps:
+            rng = ckpt.capture_rng({"gen": gen})
+            if d.enabled:
+                rngs = [None] * d.world
+                dist.all_gather_object(rngs, rng)
+            else:
+                rngs = [rng]
+            if d.main:
+                state = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                         "data": sampler.position(step), "rng": rngs, "world": d.world, "bad_steps": bad_total}
+                ckpt.save_checkpoint(run_dir, step, model.state_dict(), ema.state_dict(), cfg, state,
+                                     keep=t.keep_ckpts)
+            d.barrier()
+        if d.main and t.sample_every > 0 and step % t.sample_every == 0 and step < t.max_steps:
+            img = preview(model, ema, cfg, d.device)
+            if img is not None:
+                write_png(run_dir / "samples" / f"step-{step:07d}.png", img)
+                writer.add_image("samples", img, step)
+    if bar is not None:
+        bar.close()
+    if d.main:                                    # the final picture, from the EMA weights
+        img = preview(model, ema, cfg, d.device, final=True)
+        if img is not None:
+            write_png(run_dir / "samples.png", img)
+            writer.add_image("samples", img, step)
+            log(d, f"wrote {run_dir / 'samples.png'}")
+    if writer is not None:
+        writer.close()
+    if d.main:
+        ckpt.atomic_write_text(run_dir / "loss.json", json.dumps(losses) + "\n")
+        if losses:
+            shown = losses[:: max(1, len(losses) // 12)]
+            shown += [losses[-1]] if shown[-1] != losses[-1] else []
+            log(d, "loss (step:value): " + "  ".join(f"{s}:{v:.4f}" for s, v in shown))
+    d.barrier()
+    return run_dir
+
+
+def _peak_rss_gib() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # Linux: KiB
+
+
+# ------------------------------------------------------------------------------------- main
+
+def run(argv: list[str]) -> int:
+    stage, preset, overrides = parse_args(argv)
+    cfg = resolve_config(stage, preset, overrides)
+    d = Dist()
+    try:
+        t0 = time.time()
+        check_batch(cfg, d.world)                 # before any work (the VAE of a pretrain run too)
+        log(d, f"config ({stage}, preset {cfg.model.preset}): " + json.dumps(cfg.to_dict(), separators=(",", ":")))
+        if stage == "seg":
+            return _train_segmenter(cfg, d)
+        prepare_data(cfg, d, PHANTOM, log=lambda *a: log(d, *a))
+        if stage == "pretrain" and not cfg.train.vae and not cfg.train.resume and not cfg.train.init:
+            vae_run = find_run(cfg.train.out, "vae", cfg.model.preset)
+            if vae_run is None:
+                if cfg.model.preset == "sd15":
+                    raise TrainError("no VAE: pass --vae=PATH (SD1.5's VAE or a `train.sh vae` run) for preset sd15")
+                log(d, f"no VAE run found in {cfg.train.out}: training the {cfg.model.preset} VAE first "
+                       f"(bash train.sh vae); pass --vae=PATH to use another")
+                vcfg = resolve_config("vae", cfg.model.preset, _vae_overrides(cfg, overrides))
+                vae_run = train(vcfg, d)
+            cfg.train.vae = str(vae_run)
+        run_dir = train(cfg, d)
+        log(d, f"done in {time.time() - t0:.0f} s: {run_dir}")
+        return 0
+    finally:
+        d.close()
+
+
+def _vae_overrides(cfg: Config, overrides: list[str]) -> list[str]:
+    """The model/data options of a pretrain command line that also shape its VAE."""
+    keep = {"data", "out", "seed", "num_workers", "image_size", "in_channels", "vae_channels", "vae_layers",
+            "latent_channels", "vae_norm_groups", "attn_backend", "force"}
+    return [a for a in overrides if a[2:].partition("=")[0].replace("-", "_") in keep]
+
+
+def _train_segmenter(cfg: Config, d: Dist) -> int:
+    from heartbeat.data import find_split
+    from heartbeat.segmenter import save_segmenter, train_segmenter
+    if d.world > 1:
+        raise TrainError("the seg stage runs on one process; use python tools/train.py --stage=seg")
+    prepare_data(cfg, d, PHANTOM, log=print)
+    run_dir = make_run_dir(cfg, d)
+    ckpt.atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
+    model = train_segmenter(find_split(cfg.train.data, "train"), steps=cfg.train.max_steps,
+                            size=cfg.model.image_size, seed=cfg.train.seed, batch_size=cfg.train.batch_size,
+                            classes=cfg.model.mask_classes, log=print)
+    save_segmenter(model, run_dir / "segmenter.safetensors")
+    print(f"wrote {run_dir / 'segmenter.safetensors'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from data_prep.h5io import DataPrepError
+    from heartbeat.data import DataError
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run(argv)
+    except (ConfigError, ckpt.CheckpointError, DataError, DataPrepError, TrainError, ValueError,
+            FileNotFoundError) as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; the last checkpoint is intact (continue with --resume=RUN)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
