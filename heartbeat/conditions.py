@@ -8,7 +8,7 @@ Local conditions (pixel space, 4-D frames or 5-D clips):
     sketch (B[, F], 1, H, W) {0, 1}; mask (B[, F], H, W) int labels (one-hot, mask_classes);
     mv (B[, F], 1, H, W) {0, 1}; flow (B[, F], 2, H, W) in pixels (scaled by 32 / image_size).
 Each has its own `LocalEncoder` (conv widths cfg.cond_channels, SiLU, stride-2 convs down to the
-latent size, last conv zero-initialised); the outputs are summed -> (B[, F], local_channels, h, w).
+latent size); the outputs are summed -> (B[, F], local_channels, h, w).
 Encoders exist for all four conditions (checkpoints keep one layout across stages); only those in
 cfg.conditions are ever used. A 5-D sketch is reduced to its first frame here and broadcast over
 time (stage 2 uses one sketch per clip, DESIGN.md §1); any 4-D condition given alongside 5-D ones is
@@ -34,7 +34,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import LOCAL_CONDITIONS
-from .nn import zero_module
 
 LOCAL_IN = {"sketch": 1, "mv": 1, "flow": 2}  # mask: cfg.mask_classes (one-hot)
 
@@ -48,7 +47,11 @@ class LocalEncoder(nn.Module):
 
     (N, cin, H, W) -> (N, local_channels, H / f, W / f), f = cfg.vae_factor. Widths cfg.cond_channels:
     conv3x3 cin->w0, then per extra width a stride-2 conv3x3 and a conv3x3, SiLU after each, then a
-    zero-initialised conv3x3 to local_channels. Needs len(cond_channels) - 1 == log2(vae_factor).
+    conv3x3 to local_channels. Needs len(cond_channels) - 1 == log2(vae_factor).
+
+    The last conv is NOT zero-initialised: the UNet's extra conv_in channels already start at zero
+    (so a fresh model ignores local conditions exactly), and two zero-initialised layers in series
+    never train: each one's gradient is proportional to the other's weights, so both stay exactly 0.
     """
 
     def __init__(self, cin: int, cfg):
@@ -61,7 +64,7 @@ class LocalEncoder(nn.Module):
         layers = [nn.Conv2d(cin, widths[0], 3, padding=1), nn.SiLU()]
         for a, b in zip(widths[:-1], widths[1:]):
             layers += [nn.Conv2d(a, b, 3, stride=2, padding=1), nn.SiLU(), nn.Conv2d(b, b, 3, padding=1), nn.SiLU()]
-        layers.append(zero_module(nn.Conv2d(widths[-1], cfg.local_channels, 3, padding=1)))
+        layers.append(nn.Conv2d(widths[-1], cfg.local_channels, 3, padding=1))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):

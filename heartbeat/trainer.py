@@ -380,6 +380,13 @@ def init_model(model: TrainModel, cfg: Config, log=print) -> None:
     fresh = w.stage == "pretrain"     # stage 1 -> 2: temporal layers and the flow encoder are new
     model.load_model_state(w.ema_model_state(), what=f"--init={w_path}",
                            allow_missing=(lambda k: UNet.is_temporal_name(k)) if fresh else None)
+    if fresh and "flow" in cfg.model.conditions:
+        # The flow encoder is new in stage 2. Its output conv starts at zero so stage 2 begins exactly
+        # at the stage-1 model; it still trains, because conv_in's local channels learned in stage 1.
+        last = [m for m in model.conditioner.local["flow"].modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.zero_()
     log(f"initialised from {w_path} ({w.stage}, step {w.meta.get('step')})")
 
 

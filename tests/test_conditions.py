@@ -50,7 +50,7 @@ def make(conditions=("text", "image", "sketch", "mask", "mv"), seed=0, **kw):
     cfg = small_cfg(image_size=S, conditions=tuple(conditions), **kw)
     torch.manual_seed(seed)
     cond = Conditioner(cfg, FakeText(cfg.text_tokens, cfg.context_dim), FakePrior(cfg))
-    wake(cond)  # the last convs of the local encoders start at zero: wake them so tests can fail
+    wake(cond)  # give any all-zero parameter random values so the tests can fail
     return cfg, cond.eval()
 
 
@@ -94,12 +94,33 @@ def test_presets_build_and_encode_to_latent_size():
         assert ad(torch.randn(2, cfg.prior_tokens, cfg.prior_dim)).shape == (2, cfg.text_tokens, cfg.context_dim)
 
 
-def test_local_encoders_start_at_zero():
+def test_fresh_model_ignores_local_conditions_but_they_train():
+    """A fresh UNet ignores local conditions exactly (its extra conv_in channels are zero), yet the
+    local path gets gradients: two zero-initialised layers in series (encoder output conv and conv_in)
+    would both stay exactly zero forever, and sketch/mask/MV would never be learned."""
     cfg = small_cfg(image_size=S)
-    cond = Conditioner(cfg)
-    with torch.no_grad():
-        out = cond({k: v for k, v in batch(cfg).items() if k != "prior"})
-    assert out["local"].abs().max() == 0 and out["text"] is None and out["image"] is None
+    torch.manual_seed(0)
+    cond = Conditioner(cfg, FakeText(cfg.text_tokens, cfg.context_dim), FakePrior(cfg))
+    unet = UNet(cfg)
+    b = {k: v for k, v in batch(cfg).items() if k in ("sketch", "mask", "mv")}
+    z = torch.randn(3, 4, cfg.latent_size, cfg.latent_size)
+    t = torch.tensor([10, 500, 900])
+    ctx = cond(b)
+    assert ctx["local"].abs().max() > 0  # the encoders produce features...
+    with torch.no_grad():  # ...which a fresh UNet ignores exactly
+        assert torch.equal(unet(z, t, local=ctx["local"]), unet(z, t))
+    conv_in = unet.input_blocks[0][0]
+    with torch.no_grad():  # SD's output conv starts at zero too; training's first step moves it
+        unet.out[2].weight.normal_(0, 0.02)
+    unet(z, t, local=ctx["local"]).square().mean().backward()
+    assert conv_in.weight.grad[:, 4:].abs().max() > 0, "conv_in's local channels get no gradient"
+    with torch.no_grad():  # one step on conv_in, then every encoder must get a gradient too
+        conv_in.weight[:, 4:] -= 0.1 * conv_in.weight.grad[:, 4:].sign()
+    cond.zero_grad()
+    unet(z, t, **cond(b)).square().mean().backward()
+    for name in ("sketch", "mask", "mv"):
+        last = [m for m in cond.local[name].modules() if isinstance(m, nn.Conv2d)][-1]
+        assert last.weight.grad is not None and last.weight.grad.abs().max() > 0, f"{name} encoder gets no gradient"
 
 
 def test_dropped_equals_absent():
