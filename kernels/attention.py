@@ -69,6 +69,44 @@ def _store(ptrs, x, m0, m1, USE_M0: tl.constexpr, USE_M1: tl.constexpr):
 # ----------------------------------------------------------------------------- forward
 
 @triton.jit
+def _branch_fwd(q0, q1, K, V, skl, skd, svl, svd, Lk, D, qk_scale,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                HAS_D1: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr,
+                EVEN_N: tl.constexpr, PREC: tl.constexpr):
+    """Online softmax over one context: unnormalised accumulators, row max and row sum (base 2)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    d0 = tl.arange(0, D0)
+    d1 = D0 + tl.arange(0, D1)
+    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start_n in range(0, Lk, BLOCK_N):
+        n = start_n + offs_n
+        n_ok_row = n[None, :] < Lk
+        n_ok_col = n[:, None] < Lk
+        k0t = _load(K + n[None, :] * skl + d0[:, None] * skd, d0[:, None] < D, n_ok_row, MASK_D0, not EVEN_N)
+        s = tl.dot(q0, k0t, input_precision=PREC)
+        if HAS_D1:
+            k1t = _load(K + n[None, :] * skl + d1[:, None] * skd, d1[:, None] < D, n_ok_row, MASK_D1, not EVEN_N)
+            s += tl.dot(q1, k1t, input_precision=PREC)
+        s = s * qk_scale
+        if not EVEN_N:
+            s = tl.where(n_ok_row, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+        v0 = _load(V + n[:, None] * svl + d0[None, :] * svd, n_ok_col, d0[None, :] < D, not EVEN_N, MASK_D0)
+        acc0 = acc0 * alpha[:, None] + tl.dot(p.to(v0.dtype), v0, input_precision=PREC)
+        if HAS_D1:
+            v1 = _load(V + n[:, None] * svl + d1[None, :] * svd, n_ok_col, d1[None, :] < D, not EVEN_N, MASK_D1)
+            acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1, input_precision=PREC)
+    return acc0, acc1, m_i, l_i
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, O, LSE,
               sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd, sob, sol, soh, sod,
               H, Lq, Lk, D, qk_scale, m_blocks,
@@ -86,40 +124,15 @@ def _attn_fwd(Q, K, V, O, LSE,
     O += b * sob + h * soh
 
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     d0 = tl.arange(0, D0)
     m_ok = offs_m[:, None] < Lq
     q0 = _load(Q + offs_m[:, None] * sql + d0[None, :] * sqd, m_ok, d0[None, :] < D, not EVEN_M, MASK_D0)
-    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    q1 = q0
+    d1 = D0 + tl.arange(0, D1)
     if HAS_D1:
-        d1 = D0 + tl.arange(0, D1)
         q1 = _load(Q + offs_m[:, None] * sql + d1[None, :] * sqd, m_ok, d1[None, :] < D, not EVEN_M, MASK_D1)
-        acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-
-    for start_n in range(0, Lk, BLOCK_N):
-        n = start_n + offs_n
-        n_ok_row = n[None, :] < Lk   # (1, BLOCK_N): key columns of a K^T tile
-        n_ok_col = n[:, None] < Lk   # (BLOCK_N, 1): key rows of a V tile
-        k0t = _load(K + n[None, :] * skl + d0[:, None] * skd, d0[:, None] < D, n_ok_row, MASK_D0, not EVEN_N)
-        s = tl.dot(q0, k0t, input_precision=PREC)
-        if HAS_D1:
-            k1t = _load(K + n[None, :] * skl + d1[:, None] * skd, d1[:, None] < D, n_ok_row, MASK_D1, not EVEN_N)
-            s += tl.dot(q1, k1t, input_precision=PREC)
-        s = s * qk_scale                                   # base-2 logits
-        if not EVEN_N:
-            s = tl.where(n_ok_row, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
-        v0 = _load(V + n[:, None] * svl + d0[None, :] * svd, n_ok_col, d0[None, :] < D, not EVEN_N, MASK_D0)
-        acc0 = acc0 * alpha[:, None] + tl.dot(p.to(v0.dtype), v0, input_precision=PREC)
-        if HAS_D1:
-            v1 = _load(V + n[:, None] * svl + d1[None, :] * svd, n_ok_col, d1[None, :] < D, not EVEN_N, MASK_D1)
-            acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1, input_precision=PREC)
+    acc0, acc1, m_i, l_i = _branch_fwd(q0, q1, K, V, skl, skd, svl, svd, Lk, D, qk_scale, BLOCK_M, BLOCK_N,
+                                       D0, D1, HAS_D1, MASK_D0, MASK_D1, EVEN_N, PREC)
 
     inv_l = 1.0 / l_i
     _store(O + offs_m[:, None] * sol + d0[None, :] * sod, (acc0 * inv_l[:, None]).to(O.dtype.element_ty),

@@ -27,46 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import (DTYPES, LOG2E, _attn_bwd_dkdv, _load, _store, bwd_blocks, bwd_config,
+from .attention import (DTYPES, LOG2E, _attn_bwd_dkdv, _branch_fwd, _load, _store, bwd_blocks, bwd_config,
                         check_qkv, empty, fwd_config, head_flags, precision)
-
-
-@triton.jit
-def _branch_fwd(q0, q1, K, V, skl, skd, svl, svd, Lk, D, qk_scale,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-                HAS_D1: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr,
-                EVEN_N: tl.constexpr, PREC: tl.constexpr):
-    """Online softmax over one context: unnormalised accumulators, row max and row sum (base 2)."""
-    offs_n = tl.arange(0, BLOCK_N)
-    d0 = tl.arange(0, D0)
-    d1 = D0 + tl.arange(0, D1)
-    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start_n in range(0, Lk, BLOCK_N):
-        n = start_n + offs_n
-        n_ok_row = n[None, :] < Lk
-        n_ok_col = n[:, None] < Lk
-        k0t = _load(K + n[None, :] * skl + d0[:, None] * skd, d0[:, None] < D, n_ok_row, MASK_D0, not EVEN_N)
-        s = tl.dot(q0, k0t, input_precision=PREC)
-        if HAS_D1:
-            k1t = _load(K + n[None, :] * skl + d1[:, None] * skd, d1[:, None] < D, n_ok_row, MASK_D1, not EVEN_N)
-            s += tl.dot(q1, k1t, input_precision=PREC)
-        s = s * qk_scale
-        if not EVEN_N:
-            s = tl.where(n_ok_row, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
-        v0 = _load(V + n[:, None] * svl + d0[None, :] * svd, n_ok_col, d0[None, :] < D, not EVEN_N, MASK_D0)
-        acc0 = acc0 * alpha[:, None] + tl.dot(p.to(v0.dtype), v0, input_precision=PREC)
-        if HAS_D1:
-            v1 = _load(V + n[:, None] * svl + d1[None, :] * svd, n_ok_col, d1[None, :] < D, not EVEN_N, MASK_D1)
-            acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1, input_precision=PREC)
-    return acc0, acc1, m_i, l_i
 
 
 @triton.jit
