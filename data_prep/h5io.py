@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -216,3 +218,22 @@ def convert(splits: dict, make_clip, out_dir, *, frames: int, size: int, labels:
             pool.close()
             pool.join()
     return paths, skipped
+
+
+def run_cli(build) -> int:
+    """The converters' command-line tail: build(log) -> (paths by split, skipped cases); prints what it
+    wrote, what it skipped and the time; a DataPrepError becomes one `error:` line and exit code 1."""
+    t0 = time.time()
+    try:
+        paths, skipped = build(lambda s: print(s, file=sys.stderr))
+    except DataPrepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for p in paths.values():
+        print(f"wrote {p}")
+    if skipped:
+        print(f"skipped {len(skipped)} case(s):", file=sys.stderr)
+        for s in skipped:
+            print(f"  {s}", file=sys.stderr)
+    print(f"done in {time.time() - t0:.1f} s", file=sys.stderr)
+    return 0

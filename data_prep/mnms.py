@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -26,7 +25,7 @@ import numpy as np
 
 from . import conditions
 from .camus import random_split, read_image
-from .h5io import CMR_LABELS, DataPrepError, convert
+from .h5io import CMR_LABELS, DataPrepError, convert, run_cli
 from .phantom import CMR_TEXT
 
 COLUMNS = ("External code", "VendorName", "Vendor", "Centre", "ED", "ES")
@@ -154,21 +153,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-bad", action="store_true", help="skip unreadable/inconsistent subjects, list them at the end")
     ap.add_argument("--force", action="store_true", help="overwrite existing output files")
     a = ap.parse_args(argv)
-    t0 = time.time()
-    try:
-        paths, skipped = build(a.src, a.csv, a.out, a.frames, a.size, a.split, a.seed, max(1, a.workers),
-                               a.skip_bad, a.force, log=lambda s: print(s, file=sys.stderr))
-    except DataPrepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for split, p in paths.items():
-        print(f"wrote {p}")
-    if skipped:
-        print(f"skipped {len(skipped)} case(s):", file=sys.stderr)
-        for s in skipped:
-            print(f"  {s}", file=sys.stderr)
-    print(f"done in {time.time() - t0:.1f} s", file=sys.stderr)
-    return 0
+    return run_cli(lambda log: build(a.src, a.csv, a.out, a.frames, a.size, a.split, a.seed, max(1, a.workers),
+                                     a.skip_bad, a.force, log=log))
 
 
 if __name__ == "__main__":
