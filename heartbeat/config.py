@@ -122,6 +122,8 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 500
     max_bad_steps: int = 20         # consecutive non-finite steps before training stops
+    cache: bool = True              # latent + prior-token cache beside the split file (frozen encoders run
+                                    # once per frame, not every step); false: encode every step
     force: bool = False
 
 

@@ -15,6 +15,14 @@ names from ModelConfig.conditions work too: "image" means prior, "text" is alway
 others are neither read nor returned. `size=` resizes on load: images with area (down) or bilinear (up)
 interpolation, masks nearest, binary maps by max-pooling (down; so thin edges survive) or nearest
 (up), flow bilinearly with its vectors scaled by the size ratio.
+
+Encoder cache (DESIGN.md §4): `cache=KEY` reads `latent` (the frozen VAE's scaled means) and
+`prior_tokens` from `<split>.cache-KEY.h5` beside the split file, written by
+heartbeat.trainer.ensure_cache for one VAE + image prior + size (KEY hashes them). Items then carry
+`latent` ((C, h, w) or (F, C, h, w)) and `prior_tokens` (T, D) instead of the `prior` image; the prior
+frame is drawn exactly as without the cache. The cache is a separate file so that writing it can never
+damage the data file; `cache_status` says whether one is usable (it records the source file's size,
+modification time, clip and frame counts, and is ignored when any differs).
 """
 from __future__ import annotations
 
@@ -49,8 +57,42 @@ def find_split(data_dir, split: str) -> Path:
     raise DataError(f"{p} not found; splits in {d}: {', '.join(have) if have else 'none (no .h5 files)'}")
 
 
+def cache_path(h5_path, key: str) -> Path:
+    """Where the encoder cache of split file `h5_path` for cache key `key` lives."""
+    p = Path(h5_path)
+    return p.with_name(f"{p.stem}.cache-{key}.h5")
+
+
+def source_stamp(h5_path) -> dict:
+    """What identifies a split file's contents for its caches: byte size and modification time."""
+    st = os.stat(h5_path)
+    return {"source_bytes": int(st.st_size), "source_mtime_ns": int(st.st_mtime_ns)}
+
+
+def cache_status(h5_path, key: str, num_clips: int, frames: int) -> str:
+    """'' when the cache of (h5_path, key) is complete and matches the file, else why it is not usable."""
+    p = cache_path(h5_path, key)
+    if not p.is_file():
+        return "absent"
+    try:
+        with h5py.File(p, "r") as f:
+            a = dict(f.attrs)
+            if not bool(a.get("complete", False)) or "latent" not in f:
+                return "incomplete"
+            want = dict(source_stamp(h5_path), num_clips=num_clips, frames=frames, key=key)
+            for k, v in want.items():
+                if k not in a or str(a[k]) != str(v):
+                    return f"stale ({k} differs: the split file changed since the cache was written)"
+            if f["latent"].shape[:2] != (num_clips, frames):
+                return "stale (shape)"
+    except OSError as e:
+        return f"unreadable ({e})"
+    return ""
+
+
 class _H5Dataset(torch.utils.data.Dataset):
-    def __init__(self, h5_path, size: int | None = None, conditions=OPTIONAL, with_flow: bool = False):
+    def __init__(self, h5_path, size: int | None = None, conditions=OPTIONAL, with_flow: bool = False,
+                 cache: str | None = None):
         self.path = str(h5_path)
         # the model's condition names (config.CONDITIONS) are accepted too: image = prior, text always
         conditions = tuple(dict.fromkeys("prior" if c == "image" else c for c in conditions if c != "text"))
@@ -63,9 +105,19 @@ class _H5Dataset(torch.utils.data.Dataset):
             conditions = tuple(c for c in conditions if c != "flow")
         self.conditions = conditions
         self._h5 = None
+        self._cache_h5 = None
         self._pid = None
         self._validate()
         self.size = int(size) if size else self.stored_size
+        self.cache = None
+        if cache:
+            why = cache_status(self.path, cache, self.num_clips, self.frames)
+            if why:
+                raise DataError(f"{cache_path(self.path, cache)}: encoder cache {why}; rebuild it "
+                                f"(training does so itself) or pass --cache=false")
+            self.cache = str(cache_path(self.path, cache))
+            with h5py.File(self.cache, "r") as f:
+                self.cache_has_prior = "prior_tokens" in f
 
     def _validate(self):
         p = self.path
@@ -106,12 +158,20 @@ class _H5Dataset(torch.utils.data.Dataset):
     def _file(self):
         if self._h5 is None or self._pid != os.getpid():
             self._h5 = h5py.File(self.path, "r")
+            self._cache_h5 = h5py.File(self.cache, "r") if self.cache else None
             self._pid = os.getpid()
         return self._h5
 
+    def _prior(self, out, video, c, j):
+        """The image prior of frame j of clip c: cached tokens, or the frame itself."""
+        if self._cache_h5 is not None and self.cache_has_prior:
+            out["prior_tokens"] = torch.from_numpy(self._cache_h5["prior_tokens"][c, j])
+        else:
+            out["prior"] = video(j)
+
     def __getstate__(self):
         d = self.__dict__.copy()
-        d["_h5"], d["_pid"] = None, None
+        d["_h5"], d["_cache_h5"], d["_pid"] = None, None, None
         return d
 
     # --- conversion helpers, x: (..., H, W) numpy
@@ -155,8 +215,8 @@ class _H5Dataset(torch.utils.data.Dataset):
 class FrameDataset(_H5Dataset):
     """Stage 1: item i is frame i % F of clip i // F, with one other frame of the clip as prior."""
 
-    def __init__(self, h5_path, size=None, conditions=("prior", "sketch", "mask", "mv")):
-        super().__init__(h5_path, size, conditions, with_flow=False)
+    def __init__(self, h5_path, size=None, conditions=("prior", "sketch", "mask", "mv"), cache=None):
+        super().__init__(h5_path, size, conditions, with_flow=False, cache=cache)
 
     def __len__(self):
         return self.num_clips * self.frames
@@ -169,12 +229,14 @@ class FrameDataset(_H5Dataset):
         out = dict(image=self._image(f["video"][c, t]),
                    mask_valid=torch.tensor(bool(f["mask_valid"][c, t])),
                    text=self.texts[c], clip=c, frame=t)
+        if self._cache_h5 is not None:
+            out["latent"] = torch.from_numpy(self._cache_h5["latent"][c, t])
         if "prior" in self.conditions:
             j = t
             if self.frames > 1:     # a different frame, uniformly
                 j = int(torch.randint(self.frames - 1, ()).item())
                 j += j >= t
-            out["prior"] = self._image(f["video"][c, j])
+            self._prior(out, lambda j: self._image(f["video"][c, j]), c, j)
         for name in ("sketch", "mv"):
             if name in self.conditions:
                 out[name] = self._binary(f[name][c, t])
@@ -186,8 +248,9 @@ class FrameDataset(_H5Dataset):
 class ClipDataset(_H5Dataset):
     """Stage 2: item i is clip i, every frame; the prior is one random frame of the clip."""
 
-    def __init__(self, h5_path, size=None, conditions=("prior", "sketch", "mask", "mv"), with_flow=True):
-        super().__init__(h5_path, size, conditions, with_flow=with_flow)
+    def __init__(self, h5_path, size=None, conditions=("prior", "sketch", "mask", "mv"), with_flow=True,
+                 cache=None):
+        super().__init__(h5_path, size, conditions, with_flow=with_flow, cache=cache)
 
     def __len__(self):
         return self.num_clips
@@ -201,8 +264,10 @@ class ClipDataset(_H5Dataset):
         out = dict(video=self._image(video),
                    mask_valid=torch.from_numpy(f["mask_valid"][c].astype(bool)),
                    text=self.texts[c], clip=c)
+        if self._cache_h5 is not None:
+            out["latent"] = torch.from_numpy(self._cache_h5["latent"][c])
         if "prior" in self.conditions:
-            out["prior"] = out["video"][int(torch.randint(self.frames, ()).item())].clone()
+            self._prior(out, lambda j: out["video"][j].clone(), c, int(torch.randint(self.frames, ()).item()))
         for name in ("sketch", "mv"):
             if name in self.conditions:
                 out[name] = self._binary(f[name][c])

@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .vae import as_channels
+
 SAM_MEAN = (123.675, 116.28, 103.53)
 SAM_STD = (58.395, 57.12, 57.375)
 
@@ -205,19 +207,20 @@ class ImagePrior(nn.Module):
         if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise ValueError(f"image prior: expected (B, 1 or 3, H, W) in [-1, 1], got {tuple(x.shape)}")
         if self.kind == "medsam":
-            f = self.sam(preprocess(x, self.sam.img_size, self.sam_mode))
-        else:
-            dtype = self.encoder.conv_in.weight.dtype
-            x = x.to(dtype)
-            x = x.expand(-1, 3, -1, -1) if self.vae_in == 3 else (x.mean(1, keepdim=True) if x.shape[1] != self.vae_in else x)
-            if x.shape[-1] % self.factor or x.shape[-2] % self.factor:
-                raise ValueError(f"image prior: H, W = {tuple(x.shape[-2:])} must be multiples of the VAE factor {self.factor}")
-            h = self.encoder.features(x)
-            if self.feature == "latent":
-                f = self.scale * self.quant_conv(self.encoder.conv_out(h)).chunk(2, dim=1)[0]
-            else:
-                f = h
-        return _pool_tokens(f.float(), self.tokens)
+            return _pool_tokens(self.sam(preprocess(x, self.sam.img_size, self.sam_mode)).float(), self.tokens)
+        x = x.to(self.encoder.conv_in.weight.dtype)
+        x = as_channels(x, self.vae_in)
+        if x.shape[-1] % self.factor or x.shape[-2] % self.factor:
+            raise ValueError(f"image prior: H, W = {tuple(x.shape[-2:])} must be multiples of the VAE factor {self.factor}")
+        return self.from_vae_features(self.encoder.features(x))
+
+    @torch.no_grad()
+    def from_vae_features(self, h: torch.Tensor) -> torch.Tensor:
+        """Tokens from the shared VAE encoder's last hidden map h (Encoder.features), for callers that
+        already ran the encoder on the same frames (the encoder cache)."""
+        if self.feature == "latent":
+            h = self.scale * self.quant_conv(self.encoder.conv_out(h)).chunk(2, dim=1)[0]
+        return _pool_tokens(h.float(), self.tokens)
 
 
 def build_image_prior(cfg, vae=None, path: str | None = None) -> ImagePrior:

@@ -203,8 +203,8 @@ class VAEModel(TrainModel):
         return f"VAE of preset {self.cfg.model.preset}"
 
     def loss(self, batch):
-        from .vae import vae_loss
-        x = batch["image"]
+        from .vae import as_channels, vae_loss
+        x = as_channels(batch["image"], self.vae.in_channels)    # grey frames into SD's RGB VAE
         # one generator for the posterior samples: seeded by the batch's first data position
         g = torch.Generator(device=x.device).manual_seed(int(batch["seed"][0]))
         return vae_loss(self.vae, x, generator=g)
@@ -282,9 +282,23 @@ class LatentDiffusion(TrainModel):
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Frames (N, C, H, W) or clips (B, F, C, H, W) in [-1, 1] -> scaled latent means."""
+        return self.encode_with_prior(x)[0]
+
+    @torch.no_grad()
+    def encode_with_prior(self, x: torch.Tensor, prior: bool = False):
+        """(encode(x), image_prior tokens of the same frames or None), the VAE encoder run once when the
+        prior shares it (what the encoder cache stores per frame)."""
+        from .vae import as_channels
         lead = x.shape[:-3]
-        z = self.vae.encode(x.reshape(-1, *x.shape[-3:])).mean * self.cfg.model.latent_scale
-        return z.reshape(*lead, *z.shape[-3:])
+        x = as_channels(x.reshape(-1, *x.shape[-3:]), self.vae.in_channels)
+        post, h = self.vae.encode_with_features(x)
+        z = post.mean * self.cfg.model.latent_scale
+        tokens = None
+        if prior:
+            ip = self.image_prior
+            tokens = ip.from_vae_features(h) if ip.kind == "vae" and ip.encoder is self.vae.encoder else ip(x)
+            tokens = tokens.float().reshape(*lead, *tokens.shape[1:])
+        return z.reshape(*lead, *z.shape[-3:]), tokens
 
     def loss(self, batch):
         m = self.cfg.model
@@ -435,9 +449,9 @@ def prepare_data(cfg: Config, d, phantoms: dict, log=print) -> None:
     d.barrier()
 
 
-def make_dataset(cfg: Config, split: str):
+def make_dataset(cfg: Config, split: str, cache: str | None = None):
     """FrameDataset (vae, pretrain) or ClipDataset (finetune, cmr) of cfg.train.data/<split>.h5,
-    reading only the conditions the model uses."""
+    reading only the conditions the model uses (and the encoder cache `cache`, a key from ensure_cache)."""
     from .data import ClipDataset, FrameDataset, find_split
     m, stage = cfg.model, cfg.train.stage
     path = find_split(cfg.train.data, split)
@@ -446,15 +460,95 @@ def make_dataset(cfg: Config, split: str):
         ds = FrameDataset(path, size=m.image_size, conditions=())
         ds.frames_per_item = 1
     elif stage == "pretrain":
-        ds = FrameDataset(path, size=m.image_size, conditions=conds)
+        ds = FrameDataset(path, size=m.image_size, conditions=conds, cache=cache)
         ds.frames_per_item = 1
     else:
-        ds = ClipDataset(path, size=m.image_size, conditions=conds, with_flow="flow" in m.conditions)
+        ds = ClipDataset(path, size=m.image_size, conditions=conds, with_flow="flow" in m.conditions, cache=cache)
         if ds.frames > m.max_frames:
             raise TrainError(f"{path}: clips of {ds.frames} frames exceed --max_frames={m.max_frames}")
         ds.frames_per_item = ds.frames
     return ds
 
+
+# ------------------------------------------------------------------------------- encoder cache
+
+def state_digest(*parts) -> str:
+    """A short content hash of modules (their state dicts, names and values) and plain values."""
+    import hashlib
+    h = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        if isinstance(part, nn.Module):
+            for k, v in sorted(part.state_dict().items()):
+                h.update(k.encode())
+                h.update(str(tuple(v.shape)).encode())
+                h.update(np.ascontiguousarray(v.detach().cpu().float().numpy()).tobytes())
+        else:
+            h.update(repr(part).encode())
+    return h.hexdigest()
+
+
+def cache_key(model: "LatentDiffusion") -> str:
+    """Identifies what the cache holds: the VAE, the image prior, the frame size and the prior's layout."""
+    m = model.cfg.model
+    prior = model.image_prior
+    return state_digest(model.vae, prior, ("latent_scale", m.latent_scale, "size", m.image_size,
+                                           "prior", prior.kind, prior.feature, prior.tokens, prior.dim))
+
+
+@torch.no_grad()
+def ensure_cache(model: "LatentDiffusion", cfg: Config, d, log=print, batch_frames: int = 64) -> str | None:
+    """The cache key of cfg.train.data/train.h5 for this model, writing the cache first if needed (rank 0;
+    the others wait). None when the cache is switched off or cannot be written (training then encodes
+    every step). Computed in float32 without autocast, one frame at a time through the frozen encoders:
+    `latent` (N, F, C, h, w) = latent_scale * VAE mean, `prior_tokens` (N, F, T, D) = image_prior(frame)."""
+    from .checkpoint import atomic_write
+    from .data import ClipDataset, cache_path, cache_status, find_split, source_stamp
+    if not cfg.train.cache:
+        return None
+    path = find_split(cfg.train.data, "train")
+    key = cache_key(model)
+    ds = ClipDataset(path, size=cfg.model.image_size, conditions=(), with_flow=False)
+    why = cache_status(path, key, ds.num_clips, ds.frames)
+    if not why:
+        log(f"encoder cache: {cache_path(path, key)}")
+        return key
+    ok = True
+    if d.main:
+        target = cache_path(path, key)
+        log(f"writing the encoder cache {target} ({ds.num_clips} clips x {ds.frames} frames; was {why}); "
+            f"--cache=false skips it")
+        device = next(model.unet.parameters()).device
+        was_training = model.training
+        model.eval()
+        stamp = source_stamp(path)     # before reading: a file changed meanwhile makes the cache stale
+
+        def write(tmp):
+            import h5py
+            m, Fr, N = cfg.model, ds.frames, ds.num_clips
+            with h5py.File(tmp, "w") as f:
+                lat = f.create_dataset("latent", (N, Fr, m.latent_channels, m.latent_size, m.latent_size),
+                                       dtype="float32", chunks=(1, Fr, m.latent_channels, m.latent_size, m.latent_size))
+                tok = f.create_dataset("prior_tokens", (N, Fr, m.prior_tokens, m.prior_dim), dtype="float32",
+                                       chunks=(1, Fr, m.prior_tokens, m.prior_dim))
+                per = max(1, batch_frames // Fr)
+                for c0 in range(0, N, per):
+                    clips = range(c0, min(N, c0 + per))
+                    x = torch.stack([ds[c]["video"] for c in clips]).to(device)     # (n, F, C, H, W)
+                    z, tokens = model.encode_with_prior(x, prior=True)
+                    lat[c0:c0 + len(clips)] = z.cpu().numpy()
+                    tok[c0:c0 + len(clips)] = tokens.cpu().numpy()
+                f.attrs.update(dict(stamp, num_clips=N, frames=Fr, key=key, source=str(path),
+                                    size=m.image_size, complete=True))
+        t0 = __import__("time").time()
+        try:
+            atomic_write(target, write)
+            log(f"encoder cache written in {__import__('time').time() - t0:.0f} s")
+        except OSError as e:
+            ok = False
+            log(f"warning: could not write the encoder cache {target} ({e}); the frozen encoders run every step")
+        model.train(was_training)
+    ok = d.broadcast(ok)
+    return key if ok else None
 
 # ------------------------------------------------------------------------------- preview images
 
@@ -507,15 +601,6 @@ def write_png(path, img: torch.Tensor) -> None:
         with open(tmp, "wb") as f:
             f.write(png)
     atomic_write(Path(path), write)
-
-
-def frozen_state_hash(module: nn.Module) -> str:
-    """A short hash of a module's tensors (identifies a frozen encoder, e.g. for a latent cache)."""
-    h = 0
-    for k, v in sorted(module.state_dict().items()):
-        h = zlib.crc32(k.encode(), h)
-        h = zlib.crc32(np.ascontiguousarray(v.detach().cpu().float().numpy()).tobytes(), h)
-    return f"{h:08x}"
 
 
 # ---------------------------------------------------------------------------------- previews
@@ -586,8 +671,9 @@ def preview(model: TrainModel, ema, cfg: Config, device, final: bool = False):
     batch = to_device(collate([dict(items[(i, 10_000 + i)], seed=i) for i in idx]), device)
     with ema_weights(model, ema):
         if stage == "vae":
+            from .vae import as_channels
             x = batch["image"]
-            rec = model.vae.decode(model.vae.encode(x).mean)
+            rec = model.vae.decode(model.vae.encode(as_channels(x, model.vae.in_channels)).mean)
             return grid([to_rgb(x), to_rgb(rec)])
         m = cfg.model
         steps = 50 if final else 25

@@ -176,6 +176,14 @@ class Decoder(nn.Module):
         return self.conv_out(_gn_silu(self.norm_out, h, self.backend))
 
 
+def as_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Frames (B, C, H, W) -> (B, channels, H, W): grey to RGB by repetition (SD's VAE takes RGB), RGB
+    to grey by the channel mean; unchanged when C == channels."""
+    if x.shape[1] == channels:
+        return x
+    return x.expand(-1, channels, -1, -1) if x.shape[1] == 1 else x.mean(1, keepdim=True).expand(-1, channels, -1, -1)
+
+
 class DiagonalGaussian:
     """The posterior N(mean, exp(logvar)) from moments (B, 2C, h, w); logvar clamped to [-30, 20] as SD."""
 
@@ -220,11 +228,16 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """x (B, in_channels, H, W), H and W multiples of the factor -> posterior over (B, zch, H/f, W/f)."""
+        return self.encode_with_features(x)[0]
+
+    def encode_with_features(self, x: torch.Tensor) -> tuple[DiagonalGaussian, torch.Tensor]:
+        """encode(x) and the encoder's last hidden map (Encoder.features), from one pass."""
         self._check(x, self.in_channels, "encode")
         if x.shape[-1] % self.factor or x.shape[-2] % self.factor:
             raise ValueError(f"AutoencoderKL.encode: H, W = {tuple(x.shape[-2:])} must be multiples of the "
                              f"VAE factor {self.factor}; resize or pad the frames")
-        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+        h = self.encoder.features(x)
+        return DiagonalGaussian(self.quant_conv(self.encoder.conv_out(h))), h
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, zch, h, w) (unscaled: divide diffusion latents by latent_scale first) -> (B, in_channels, h*f, w*f)."""

@@ -150,6 +150,40 @@ def _attn_fwd(Q, K, V, O, LSE,
 # ----------------------------------------------------------------------------- backward
 
 @triton.jit
+def _dq_loop(q0, q1, do0, do1, K, V, skl, skd, svl, svd, Lk, D, qk_scale, lse, delta,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+             HAS_D1: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr,
+             EVEN_N: tl.constexpr, PREC: tl.constexpr):
+    """Unscaled dQ of one query block over one context, P recomputed from the row logsumexp (base 2):
+    dQ = sum_n (P * (dP - delta)) K with dP = dO V^T. Shared by the spatial and dual backward."""
+    offs_n = tl.arange(0, BLOCK_N)
+    d0 = tl.arange(0, D0)
+    d1 = D0 + tl.arange(0, D1)
+    dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    for start_n in range(0, Lk, BLOCK_N):
+        n = start_n + offs_n
+        n_ok_row = n[None, :] < Lk
+        k0t = _load(K + n[None, :] * skl + d0[:, None] * skd, d0[:, None] < D, n_ok_row, MASK_D0, not EVEN_N)
+        v0t = _load(V + n[None, :] * svl + d0[:, None] * svd, d0[:, None] < D, n_ok_row, MASK_D0, not EVEN_N)
+        s = tl.dot(q0, k0t, input_precision=PREC)
+        dp = tl.dot(do0, v0t, input_precision=PREC)
+        if HAS_D1:
+            k1t = _load(K + n[None, :] * skl + d1[:, None] * skd, d1[:, None] < D, n_ok_row, MASK_D1, not EVEN_N)
+            v1t = _load(V + n[None, :] * svl + d1[:, None] * svd, d1[:, None] < D, n_ok_row, MASK_D1, not EVEN_N)
+            s += tl.dot(q1, k1t, input_precision=PREC)
+            dp += tl.dot(do1, v1t, input_precision=PREC)
+        p = tl.exp2(s * qk_scale - lse[:, None])
+        if not EVEN_N:
+            p = tl.where(n_ok_row, p, 0.0)
+        ds = (p * (dp - delta[:, None])).to(q0.dtype)
+        dq0 += tl.dot(ds, tl.trans(k0t), input_precision=PREC)
+        if HAS_D1:
+            dq1 += tl.dot(ds, tl.trans(k1t), input_precision=PREC)
+    return dq0, dq1
+
+
+@triton.jit
 def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA,
                  sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd,
                  sob, sol, soh, sod, sdob, sdol, sdoh, sdod, sdqb, sdql, sdqh, sdqd,
@@ -171,21 +205,20 @@ def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA,
     DQ += b * sdqb + h * sdqh
 
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     d0 = tl.arange(0, D0)
     m_ok = offs_m[:, None] < Lq
     q0 = _load(Q + offs_m[:, None] * sql + d0[None, :] * sqd, m_ok, d0[None, :] < D, not EVEN_M, MASK_D0)
     do0 = _load(DO + offs_m[:, None] * sdol + d0[None, :] * sdod, m_ok, d0[None, :] < D, not EVEN_M, MASK_D0)
     o0 = _load(O + offs_m[:, None] * sol + d0[None, :] * sod, m_ok, d0[None, :] < D, not EVEN_M, MASK_D0)
     delta = tl.sum(do0.to(tl.float32) * o0.to(tl.float32), 1)
-    dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    q1 = q0
+    do1 = do0
+    d1 = D0 + tl.arange(0, D1)
     if HAS_D1:
-        d1 = D0 + tl.arange(0, D1)
         q1 = _load(Q + offs_m[:, None] * sql + d1[None, :] * sqd, m_ok, d1[None, :] < D, not EVEN_M, MASK_D1)
         do1 = _load(DO + offs_m[:, None] * sdol + d1[None, :] * sdod, m_ok, d1[None, :] < D, not EVEN_M, MASK_D1)
         o1 = _load(O + offs_m[:, None] * sol + d1[None, :] * sod, m_ok, d1[None, :] < D, not EVEN_M, MASK_D1)
         delta += tl.sum(do1.to(tl.float32) * o1.to(tl.float32), 1)
-        dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     row = bh.to(tl.int64) * Lq + offs_m
     if EVEN_M:
         lse = tl.load(LSE + row)
@@ -194,25 +227,8 @@ def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA,
         lse = tl.load(LSE + row, mask=offs_m < Lq, other=0.0)
         tl.store(DELTA + row, delta, mask=offs_m < Lq)
 
-    for start_n in range(0, Lk, BLOCK_N):
-        n = start_n + offs_n
-        n_ok_row = n[None, :] < Lk
-        k0t = _load(K + n[None, :] * skl + d0[:, None] * skd, d0[:, None] < D, n_ok_row, MASK_D0, not EVEN_N)
-        v0t = _load(V + n[None, :] * svl + d0[:, None] * svd, d0[:, None] < D, n_ok_row, MASK_D0, not EVEN_N)
-        s = tl.dot(q0, k0t, input_precision=PREC)
-        dp = tl.dot(do0, v0t, input_precision=PREC)
-        if HAS_D1:
-            k1t = _load(K + n[None, :] * skl + d1[:, None] * skd, d1[:, None] < D, n_ok_row, MASK_D1, not EVEN_N)
-            v1t = _load(V + n[None, :] * svl + d1[:, None] * svd, d1[:, None] < D, n_ok_row, MASK_D1, not EVEN_N)
-            s += tl.dot(q1, k1t, input_precision=PREC)
-            dp += tl.dot(do1, v1t, input_precision=PREC)
-        p = tl.exp2(s * qk_scale - lse[:, None])
-        if not EVEN_N:
-            p = tl.where(n_ok_row, p, 0.0)
-        ds = (p * (dp - delta[:, None])).to(q0.dtype)
-        dq0 += tl.dot(ds, tl.trans(k0t), input_precision=PREC)
-        if HAS_D1:
-            dq1 += tl.dot(ds, tl.trans(k1t), input_precision=PREC)
+    dq0, dq1 = _dq_loop(q0, q1, do0, do1, K, V, skl, skd, svl, svd, Lk, D, qk_scale, lse, delta,
+                        BLOCK_M, BLOCK_N, D0, D1, HAS_D1, MASK_D0, MASK_D1, EVEN_N, PREC)
 
     _store(DQ + offs_m[:, None] * sdql + d0[None, :] * sdqd, (dq0 * sm_scale).to(DQ.dtype.element_ty),
            m_ok, d0[None, :] < D, not EVEN_M, MASK_D0)

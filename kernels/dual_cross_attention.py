@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import (DTYPES, LOG2E, _attn_bwd_dkdv, _branch_fwd, _load, _store, bwd_blocks, bwd_config,
-                        check_qkv, empty, fwd_config, head_flags, precision)
+from .attention import (DTYPES, LOG2E, _attn_bwd_dkdv, _branch_fwd, _dq_loop, _load, _store, bwd_blocks,
+                        bwd_config, check_qkv, empty, fwd_config, head_flags, precision)
 
 
 @triton.jit
@@ -114,27 +114,8 @@ def _branch_dq(q0, q1, do0, do1, K, V, skl, skd, svl, svd, Lk, D, qk_scale, lse,
         if not EVEN_N:
             p = tl.where(n_ok_row, p, 0.0)
         delta += tl.sum(p * dp, 1)
-    dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
-    dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
-    for start_n in range(0, Lk, BLOCK_N):   # pass 2: dQ
-        n = start_n + offs_n
-        n_ok_row = n[None, :] < Lk
-        k0t = _load(K + n[None, :] * skl + d0[:, None] * skd, d0[:, None] < D, n_ok_row, MASK_D0, not EVEN_N)
-        v0t = _load(V + n[None, :] * svl + d0[:, None] * svd, d0[:, None] < D, n_ok_row, MASK_D0, not EVEN_N)
-        s = tl.dot(q0, k0t, input_precision=PREC)
-        dp = tl.dot(do0, v0t, input_precision=PREC)
-        if HAS_D1:
-            k1t = _load(K + n[None, :] * skl + d1[:, None] * skd, d1[:, None] < D, n_ok_row, MASK_D1, not EVEN_N)
-            v1t = _load(V + n[None, :] * svl + d1[:, None] * svd, d1[:, None] < D, n_ok_row, MASK_D1, not EVEN_N)
-            s += tl.dot(q1, k1t, input_precision=PREC)
-            dp += tl.dot(do1, v1t, input_precision=PREC)
-        p = tl.exp2(s * qk_scale - lse[:, None])
-        if not EVEN_N:
-            p = tl.where(n_ok_row, p, 0.0)
-        ds = (p * (dp - delta[:, None])).to(q0.dtype)
-        dq0 += tl.dot(ds, tl.trans(k0t), input_precision=PREC)
-        if HAS_D1:
-            dq1 += tl.dot(ds, tl.trans(k1t), input_precision=PREC)
+    dq0, dq1 = _dq_loop(q0, q1, do0, do1, K, V, skl, skd, svl, svd, Lk, D, qk_scale, lse, delta,   # pass 2
+                        BLOCK_M, BLOCK_N, D0, D1, HAS_D1, MASK_D0, MASK_D1, EVEN_N, PREC)
     return dq0, dq1, delta
 
 

@@ -201,3 +201,104 @@ def test_ddp_two_processes_match_one(chain, data, tmp_path):
     assert worst < 1e-4, worst
     out_conv = "unet.out.2.weight"                 # zero-initialised: it moved, so the test compares updates
     assert a.model[out_conv].abs().max() > 1e-4
+
+
+# ------------------------------------------------------------------------------ encoder cache
+
+def _pretrained(run_dir):
+    from heartbeat.trainer import build_model
+    w = ckpt.read_weights(ckpt.find_weights(run_dir))
+    model = build_model(w.config)
+    model.load_model_state(w.ema_model_state())
+    return model.eval()
+
+
+def test_encoder_cache_holds_what_the_frozen_encoders_give(chain, data):
+    from heartbeat.data import FrameDataset, cache_path
+    from heartbeat.trainer import cache_key
+    path = data / "echo" / "train.h5"
+    caches = sorted(path.parent.glob("train.cache-*.h5"))
+    assert len(caches) == 1, caches      # written by pretrain, reused by finetune (same frozen VAE + prior)
+    assert len(list((data / "cmr").glob("train.cache-*.h5"))) == 1
+    model = _pretrained(chain / "001-pretrain-tiny")
+    key = cache_key(model)
+    assert caches[0] == cache_path(path, key)
+    plain = FrameDataset(path, size=32, conditions=("prior",))
+    cached = FrameDataset(path, size=32, conditions=("prior",), cache=key)
+    with torch.no_grad():
+        for i in (0, 5, len(plain) - 1):
+            torch.manual_seed(i)
+            a = plain[i]
+            torch.manual_seed(i)                      # the same prior frame is drawn with the cache
+            b = cached[i]
+            assert "prior" not in b and b["latent"].shape == (4, 8, 8)
+            torch.testing.assert_close(b["latent"], model.encode(a["image"][None])[0], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(b["prior_tokens"], model.image_prior(a["prior"][None])[0],
+                                       atol=1e-5, rtol=1e-4)
+            assert not torch.equal(b["prior_tokens"], model.image_prior(a["image"][None])[0])
+
+
+def test_cached_training_matches_uncached(chain, data, tmp_path):
+    args = TINY + ["--stage=pretrain", f"--data={data / 'echo'}", "--batch_size=4", "--max_steps=3",
+                   "--ckpt_every=3", f"--vae={chain / '000-vae-tiny'}"]
+    run(*args, f"--out={tmp_path / 'cached'}")
+    run(*args, f"--out={tmp_path / 'plain'}", "--cache=false")
+    a = ckpt.read_weights(ckpt.find_weights(tmp_path / "cached" / "000-pretrain-tiny"))
+    b = ckpt.read_weights(ckpt.find_weights(tmp_path / "plain" / "000-pretrain-tiny"))
+    worst = max((a.model[k] - b.model[k]).abs().max().item() for k in a.model)
+    assert worst < 1e-4, worst
+    assert a.model["unet.out.2.weight"].abs().max() > 1e-4         # it trained
+
+
+def test_stale_cache_is_rebuilt_and_a_missing_one_refused(chain, data, tmp_path, capsys):
+    from heartbeat.data import DataError, FrameDataset, cache_status
+    d = tmp_path / "echo"
+    shutil.copytree(data / "echo", d)                  # copy2: same bytes and times, so the cache is valid
+    (old,) = d.glob("train.cache-*.h5")
+    key = old.name.split("cache-")[1][:-3]
+    st = (d / "train.h5").stat()
+    with h5py.File(d / "train.h5", "r") as f:
+        n = f["video"].shape[0]
+    assert cache_status(d / "train.h5", key, n, 4) == ""
+    os.utime(d / "train.h5", ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))     # the split file "changed"
+    assert cache_status(d / "train.h5", key, n, 4).startswith("stale")
+    with pytest.raises(DataError, match="--cache=false"):
+        FrameDataset(d / "train.h5", conditions=("prior",), cache=key)
+    run(*TINY, "--stage=pretrain", f"--data={d}", f"--out={tmp_path / 'runs'}", "--batch_size=4", "--max_steps=1",
+        f"--vae={chain / '000-vae-tiny'}")
+    assert "writing the encoder cache" in capsys.readouterr().out
+    assert cache_status(d / "train.h5", key, n, 4) == ""
+    with pytest.raises(DataError, match="absent"):
+        FrameDataset(d / "train.h5", conditions=("prior",), cache="0" * 16)
+
+
+def test_force_replaces_the_old_run_checkpoints(data, tmp_path, capsys):
+    args = TINY + ["--stage=vae", f"--data={data / 'echo'}", "--batch_size=4", "--keep_ckpts=0"]
+    run(*args, f"--out={tmp_path}", "--max_steps=4", "--ckpt_every=2")
+    run_dir = tmp_path / "000-vae-tiny"
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [2, 4]
+    run(*args, f"--out={run_dir}", "--max_steps=1", "--ckpt_every=1", "--force")
+    assert "deleting 2 checkpoint(s)" in capsys.readouterr().out
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [1]       # a resume finds this run, not the old one
+
+
+def test_seg_stage_writes_a_segmenter(data, tmp_path):
+    from heartbeat.segmenter import load_segmenter, segment
+    run(*TINY, "--stage=seg", f"--data={data / 'echo'}", f"--out={tmp_path}", "--batch_size=4", "--max_steps=3")
+    model = load_segmenter(tmp_path / "000-seg-tiny" / "segmenter.safetensors")
+    with h5py.File(data / "echo" / "test.h5", "r") as f:
+        frames = f["video"][0, :2]
+    labels = segment(model, frames)
+    assert labels.shape == (2, 32, 32) and labels.min() >= 0 and labels.max() < 4
+
+
+def test_an_rgb_vae_like_sd15s_trains_on_grey_frames(data, tmp_path):
+    """SD1.5's VAE takes 3 channels; the frames are grey: they are repeated on the way in."""
+    shutil.copytree(data / "echo", tmp_path / "echo")          # its cache must not land in the shared data
+    common = TINY + [f"--data={tmp_path / 'echo'}", f"--out={tmp_path}", "--batch_size=4", "--in_channels=3"]
+    run("--stage=vae", *common, "--max_steps=2")
+    run("--stage=pretrain", *common, "--max_steps=2", f"--vae={tmp_path / '000-vae-tiny'}", "--cache=false")
+    run("--stage=pretrain", *common, "--max_steps=2", f"--vae={tmp_path / '000-vae-tiny'}")
+    a = ckpt.read_weights(ckpt.find_weights(tmp_path / "001-pretrain-tiny"))
+    b = ckpt.read_weights(ckpt.find_weights(tmp_path / "002-pretrain-tiny"))
+    assert max((a.model[k] - b.model[k]).abs().max().item() for k in a.model) < 1e-4

@@ -43,17 +43,17 @@ import torch.distributed as dist  # noqa: E402
 
 from heartbeat import checkpoint as ckpt  # noqa: E402
 from heartbeat.config import PRESETS, ConfigError, Config, apply_overrides, get_config  # noqa: E402
-from heartbeat.trainer import (PREVIOUS_STAGE, EpochSampler, TrainError, build_model, find_run, init_model,  # noqa: E402
-                               lr_at, make_dataset, make_loader, prepare_data, preview, to_device,
-                               write_png)
+from heartbeat.trainer import (PREVIOUS_STAGE, EpochSampler, TrainError, build_model, ensure_cache,  # noqa: E402
+                               find_run, init_model, lr_at, make_dataset, make_loader, prepare_data, preview,
+                               to_device, write_png)
 
 # Stage defaults by preset, applied before the command line's overrides. The tiny ones make the
 # newcomer's `bash train.sh pretrain` (VAE + stage 1) finish in about 10 minutes on 2 CPU cores.
 STAGE_DEFAULTS = {
     "tiny": {
-        "vae": ["--max_steps=200", "--batch_size=16", "--lr=1e-3", "--warmup_steps=20", "--ckpt_every=100",
+        "vae": ["--max_steps=200", "--batch_size=8", "--lr=1e-3", "--warmup_steps=20", "--ckpt_every=100",
                 "--sample_every=100", "--ema_halflife_steps=50"],
-        "pretrain": ["--max_steps=400", "--batch_size=32", "--lr=1e-3", "--warmup_steps=40",
+        "pretrain": ["--max_steps=400", "--batch_size=16", "--lr=1e-3", "--warmup_steps=40",
                      "--ckpt_every=200", "--sample_every=200", "--ema_halflife_steps=100"],
         "finetune": ["--max_steps=400", "--batch_size=4", "--lr=5e-4", "--warmup_steps=50",
                      "--ckpt_every=200", "--sample_every=200", "--ema_halflife_steps=50"],
@@ -209,6 +209,13 @@ def make_run_dir(cfg: Config, d: Dist) -> Path:
                 what = "a run"
             raise TrainError(f"--out={out} already holds {what} (config.json); continue it with --resume={out}, "
                              f"choose another --out (a parent folder such as runs), or pass --force to train into it")
+        old = ckpt.list_checkpoints(out)
+        if old and d.main:   # --force: a new run here; its old checkpoints must not be taken for this run's
+            log(d, f"--force: deleting {len(old)} checkpoint(s) of the previous run in {out}")
+            for step, w in old:
+                for f in (w, ckpt.state_path(out, step)):
+                    f.unlink(missing_ok=True)
+        d.barrier()
         return out
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out={out} is a file, not a folder")
@@ -240,11 +247,15 @@ def train(cfg: Config, d: Dist) -> Path:
     t, m = cfg.train, cfg.model
     per_rank = check_batch(cfg, d.world)
     resume = ckpt.find_resume(t.resume) if t.resume else None
-    dataset = make_dataset(cfg, "train")
+    make_dataset(cfg, "train")                                   # check the data before building anything
     torch.manual_seed(t.seed)                                    # same init on every rank
     model = build_model(cfg)
     init_model(model, cfg, log=lambda *a: log(d, *a))            # --init / --vae weights, then freezing
     model.to(d.device)
+    key = None
+    if t.stage != "vae":                                         # latents + prior tokens once, not every step
+        key = ensure_cache(model, cfg, d, log=lambda *a: log(d, *a))
+    dataset = make_dataset(cfg, "train", cache=key)
     trainable = model.trainable_parameters()
     if not trainable:
         raise TrainError(f"stage {t.stage}: nothing to train (no parameter requires grad)")
