@@ -53,8 +53,8 @@ STAGE_DEFAULTS = {
     "tiny": {
         "vae": ["--max_steps=200", "--batch_size=8", "--lr=1e-3", "--warmup_steps=20", "--ckpt_every=100",
                 "--sample_every=100", "--ema_halflife_steps=50"],
-        "pretrain": ["--max_steps=400", "--batch_size=16", "--lr=1e-3", "--warmup_steps=40",
-                     "--ckpt_every=200", "--sample_every=200", "--ema_halflife_steps=100"],
+        "pretrain": ["--max_steps=360", "--batch_size=16", "--lr=1e-3", "--warmup_steps=40",
+                     "--ckpt_every=180", "--sample_every=180", "--ema_halflife_steps=90"],
         "finetune": ["--max_steps=400", "--batch_size=4", "--lr=5e-4", "--warmup_steps=50",
                      "--ckpt_every=200", "--sample_every=200", "--ema_halflife_steps=50"],
         "cmr": ["--max_steps=300", "--batch_size=4", "--lr=3e-4", "--warmup_steps=30",
