@@ -58,12 +58,15 @@ class ModelConfig:
     text_layers: int = 2
     text_heads: int = 4
     text_trainable: bool = True     # the small byte-level encoder trains with the model
+    text_weights: str = ""          # clip: CLIP text weights and/or tokenizer (SD1.5 single file with tokenizer/
+                                    # beside it, diffusers or HF folder, OpenAI CLIP file, or a tokenizer folder)
 
     # image prior: "vae" (our frozen VAE encoder, offline default) or "medsam" (SAM ViT-B)
     prior: str = "vae"
     prior_tokens: int = 16          # tokens after pooling, before the global adapter
     prior_dim: int = 128            # channels of the prior features: VAE prior vae_channels[-1] (its last
                                     # hidden map) or latent_channels (its latent mean); MedSAM 256
+    prior_weights: str = ""         # medsam: the SAM / MedSAM ViT-B checkpoint (.pth)
 
     # local conditions
     mask_classes: int = 4           # label values 0..mask_classes-1, one-hot in the encoder

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import zlib
 from pathlib import Path
 
@@ -229,8 +230,15 @@ class LatentDiffusion(TrainModel):
         m = cfg.model
         self.cfg = cfg
         self.vae = AutoencoderKL(m)
-        text_encoder = build_text_encoder(m)
-        image_prior = build_image_prior(m, vae=self.vae)
+        for field in ("text_weights", "prior_weights"):
+            path = getattr(m, field)
+            if path and not Path(path).exists():
+                raise TrainError(f"--{field}={path} (recorded in this run's config) does not exist; "
+                                 f"put the file back there or pass --{field}=PATH")
+        # the frozen encoders' files are read here (the tokenizer lives only there); a checkpoint's own
+        # weights are loaded over them afterwards
+        text_encoder = build_text_encoder(m, m.text_weights or None)
+        image_prior = build_image_prior(m, vae=self.vae, path=m.prior_weights or None)
         self.conditioner = Conditioner(m, text_encoder, image_prior)
         self.unet = UNet(m)
         from .diffusion import Schedule
@@ -348,6 +356,45 @@ def find_run(out, stage: str, preset: str):
 PREVIOUS_STAGE = {"finetune": ("pretrain", "finetune"), "cmr": ("finetune", "cmr")}
 
 
+def heartbeat_weights(path) -> Path | None:
+    """The HeartBeat checkpoint at `path` (a file, or a run folder's newest), or None for other weights
+    (an SD1.5 single file, a diffusers folder)."""
+    from . import checkpoint as ckpt
+    p = Path(path)
+    if not p.exists():
+        raise TrainError(f"--init={path} does not exist")
+    if p.is_dir():
+        return ckpt.find_weights(p) if ckpt.list_checkpoints(p) else None
+    return p if ckpt.is_heartbeat_checkpoint(p) else None
+
+
+def init_source(cfg: Config) -> str | None:
+    """finetune / cmr: what the stage starts from (--init, else the newest previous-stage run in --out);
+    None when resuming or for other stages."""
+    t = cfg.train
+    if t.stage not in PREVIOUS_STAGE or t.resume:
+        return None
+    if t.init:
+        return t.init
+    prev = PREVIOUS_STAGE[t.stage][0]
+    run = find_run(t.out, prev, cfg.model.preset)
+    if run is None:
+        raise TrainError(f"stage {t.stage} starts from a '{prev}' checkpoint: pass --init=RUN_OR_FILE, or train one "
+                         f"first with `bash train.sh {prev}` (none found in {t.out})")
+    return str(run)
+
+
+def resolve_encoder_files(cfg: Config, log=print) -> None:
+    """Stage 1 from an SD1.5 --init (single file or diffusers folder): its CLIP text model too, unless
+    --text_weights names one (the tokenizer is looked for beside it). Stages 2 / cmr inherit
+    text_weights / prior_weights with the rest of the model options (tools/train.py resolve_config)."""
+    t, m = cfg.train, cfg.model
+    if t.stage == "pretrain" and t.init and m.text_encoder == "clip" and not m.text_weights \
+            and heartbeat_weights(t.init) is None:
+        m.text_weights = t.init
+        log(f"text encoder: CLIP from --init={t.init} (--text_weights=PATH to use another)")
+
+
 def init_model(model: TrainModel, cfg: Config, log=print) -> None:
     """Load --vae / --init weights (or the newest previous-stage run in --out) before training."""
     from . import checkpoint as ckpt
@@ -365,26 +412,24 @@ def init_model(model: TrainModel, cfg: Config, log=print) -> None:
         elif not t.init and not t.resume:
             log("warning: no --vae given: the VAE is randomly initialised (latents are meaningless)")
         if t.init:
-            path = Path(t.init)
-            w_path = ckpt.find_weights(path)
-            if ckpt.is_heartbeat_checkpoint(w_path):
+            w_path = heartbeat_weights(t.init)
+            if w_path is not None:
                 w = ckpt.read_weights(w_path)
                 ckpt.check_compatible(w.meta, "pretrain", cfg.model.preset, what=f"--init={t.init}", path=w_path)
                 model.load_model_state(w.ema_model_state(), what=f"--init={w_path}")
-            else:
-                from .weights import load_unet
-                model.unet.load_state_dict(load_unet(str(path)).state_dict(), strict=False)
+            else:     # SD1.5 (single file or diffusers folder): its UNet, and its VAE unless --vae names one
+                from .weights import WeightsError, load_unet, load_vae
+                model.unet.load_state_dict(load_unet(t.init, cfg.model).state_dict())
+                if not t.vae:
+                    try:
+                        model.vae.load_state_dict(load_vae(t.init, cfg.model).state_dict())
+                        log(f"VAE: from {t.init}")
+                    except WeightsError as e:
+                        log(f"warning: --init={t.init} holds no usable VAE ({e}); pass --vae=PATH")
             log(f"initialised from {t.init}")
         return
     # finetune / cmr: the previous stage's checkpoint (EMA weights)
-    src = t.init
-    if not src and not t.resume:
-        prev = PREVIOUS_STAGE[stage][0]
-        run = find_run(t.out, prev, cfg.model.preset)
-        if run is None:
-            raise TrainError(f"stage {stage} starts from a '{prev}' checkpoint: pass --init=RUN_OR_FILE, or train one "
-                             f"first with `bash train.sh {prev}` (none found in {t.out})")
-        src = str(run)
+    src = init_source(cfg)
     if not src:
         return
     w_path = ckpt.find_weights(src)
@@ -499,8 +544,10 @@ def cache_key(model: "LatentDiffusion") -> str:
 def ensure_cache(model: "LatentDiffusion", cfg: Config, d, log=print, batch_frames: int = 64) -> str | None:
     """The cache key of cfg.train.data/train.h5 for this model, writing the cache first if needed (rank 0;
     the others wait). None when the cache is switched off or cannot be written (training then encodes
-    every step). Computed in float32 without autocast, one frame at a time through the frozen encoders:
-    `latent` (N, F, C, h, w) = latent_scale * VAE mean, `prior_tokens` (N, F, T, D) = image_prior(frame)."""
+    every step). Stored as float32, computed as the training step would (bf16 autocast on GPU, float32 on
+    CPU), one VAE encoder pass per frame when the prior shares the VAE encoder:
+    `latent` (N, F, C, h, w) = latent_scale * VAE mean, `prior_tokens` (N, F, T, D) = image_prior(frame).
+    Rank 0 writes it while the others wait (a large split with the MedSAM prior takes minutes)."""
     from .checkpoint import atomic_write
     from .data import ClipDataset, cache_path, cache_status, find_split, source_stamp
     if not cfg.train.cache:
@@ -521,6 +568,9 @@ def ensure_cache(model: "LatentDiffusion", cfg: Config, d, log=print, batch_fram
         was_training = model.training
         model.eval()
         stamp = source_stamp(path)     # before reading: a file changed meanwhile makes the cache stale
+        # as the training step would compute them: bf16 autocast on GPU, float32 on CPU
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                    else contextlib.nullcontext())
 
         def write(tmp):
             import h5py
@@ -534,21 +584,23 @@ def ensure_cache(model: "LatentDiffusion", cfg: Config, d, log=print, batch_fram
                 for c0 in range(0, N, per):
                     clips = range(c0, min(N, c0 + per))
                     x = torch.stack([ds[c]["video"] for c in clips]).to(device)     # (n, F, C, H, W)
-                    z, tokens = model.encode_with_prior(x, prior=True)
-                    lat[c0:c0 + len(clips)] = z.cpu().numpy()
+                    with autocast:
+                        z, tokens = model.encode_with_prior(x, prior=True)
+                    lat[c0:c0 + len(clips)] = z.float().cpu().numpy()
                     tok[c0:c0 + len(clips)] = tokens.cpu().numpy()
                 f.attrs.update(dict(stamp, num_clips=N, frames=Fr, key=key, source=str(path),
                                     size=m.image_size, complete=True))
-        t0 = __import__("time").time()
+        t0 = time.time()
         try:
             atomic_write(target, write)
-            log(f"encoder cache written in {__import__('time').time() - t0:.0f} s")
+            log(f"encoder cache written in {time.time() - t0:.0f} s")
         except OSError as e:
             ok = False
             log(f"warning: could not write the encoder cache {target} ({e}); the frozen encoders run every step")
         model.train(was_training)
     ok = d.broadcast(ok)
     return key if ok else None
+
 
 # ------------------------------------------------------------------------------- preview images
 

@@ -302,3 +302,56 @@ def test_an_rgb_vae_like_sd15s_trains_on_grey_frames(data, tmp_path):
     a = ckpt.read_weights(ckpt.find_weights(tmp_path / "001-pretrain-tiny"))
     b = ckpt.read_weights(ckpt.find_weights(tmp_path / "002-pretrain-tiny"))
     assert max((a.model[k] - b.model[k]).abs().max().item() for k in a.model) < 1e-4
+
+
+def _write_tokenizer(folder):
+    """A tiny CLIP-format BPE vocabulary (bytes, their word-final forms, start/end) with no merges."""
+    import json
+    from heartbeat.text import bytes_to_unicode
+    syms = list(bytes_to_unicode().values())
+    syms = syms + [s + "</w>" for s in syms] + ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps({s: i for i, s in enumerate(syms)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+
+
+def test_pretrain_from_an_sd15_single_file(data, tmp_path, capsys):
+    """--init=<SD1.5 single file>: its UNet, VAE and CLIP text model are loaded, the tokenizer is found in
+    tokenizer/ beside it, stage 2 inherits the text encoder's files, and sampling rebuilds it."""
+    from safetensors.torch import save_file
+    from heartbeat.config import get_config
+    from heartbeat.text import build_text_encoder
+    from heartbeat.unet import UNet
+    from heartbeat.vae import AutoencoderKL
+    opts = TINY + ["--text_encoder=clip", "--in_channels=3", "--text_trainable=false"]
+    m = get_config("tiny", opts).model
+    _write_tokenizer(tmp_path / "sd" / "tokenizer")
+    torch.manual_seed(3)
+    unet, vae = UNet(m), AutoencoderKL(m)
+    text = build_text_encoder(m, str(tmp_path / "sd" / "tokenizer"))      # random CLIP with that vocabulary
+    sd = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items() if not UNet.is_new_parameter(k)}
+    sd["model.diffusion_model.input_blocks.0.0.weight"] = unet.state_dict()["input_blocks.0.0.weight"][:, :4]
+    sd |= {"first_stage_model." + k: v for k, v in vae.state_dict().items()}
+    sd |= {"cond_stage_model.transformer." + k: v for k, v in text.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "sd" / "sd15.safetensors"))
+    shutil.copytree(data / "echo", tmp_path / "echo")
+    common = opts + [f"--data={tmp_path / 'echo'}", f"--out={tmp_path / 'runs'}", "--batch_size=4", "--max_steps=2"]
+    run("--stage=pretrain", *common, f"--init={tmp_path / 'sd' / 'sd15.safetensors'}", "--lr=0")
+    out = capsys.readouterr().out
+    assert "VAE: from" in out and "text encoder: CLIP from --init" in out
+    w = ckpt.read_weights(ckpt.find_weights(tmp_path / "runs" / "000-pretrain-tiny"))
+    for k, v in sd.items():          # lr 0: every loaded tensor is still the file's
+        name = k.replace("model.diffusion_model.", "unet.").replace("first_stage_model.", "vae.").replace(
+            "cond_stage_model.transformer.", "conditioner.text_encoder.")
+        got = w.model[name][:, :4] if name == "unet.input_blocks.0.0.weight" else w.model[name]
+        assert torch.equal(got, v), name
+    assert w.config.model.text_weights == str(tmp_path / "sd" / "sd15.safetensors")
+    run("--stage=finetune", *TINY, f"--data={tmp_path / 'echo'}", f"--out={tmp_path / 'runs'}", "--batch_size=2",
+        "--max_steps=1")
+    cfg, parts, _ = ckpt.load_for_sampling(tmp_path / "runs" / "001-finetune-tiny")
+    assert cfg.model.text_weights == str(tmp_path / "sd" / "sd15.safetensors")
+    assert parts["text_encoder"].tokenize(["apical four chamber"]).shape == (1, 16)
+    # without the tokenizer files: one clear message before any training
+    (tmp_path / "sd" / "tokenizer").rename(tmp_path / "sd" / "elsewhere")
+    run("--stage=pretrain", *common, f"--init={tmp_path / 'sd' / 'sd15.safetensors'}", expect=2)
+    assert "no tokenizer: pass --text_weights" in capsys.readouterr().err

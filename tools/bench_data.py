@@ -2,13 +2,14 @@
 
     python tools/bench_data.py convert [--patients 500] [--frames 20] [--height 600] [--width 440]
                                        [--release 2019] [--workers 2] [--size 256] [--keep DIR]
-    python tools/bench_data.py load [--data FILE.h5] [--size 256] [--seconds 10]
+    python tools/bench_data.py load [--data FILE.h5] [--size 256] [--seconds 10] [--cache KEY]
 
 convert: writes a fake CAMUS tree (tests/test_camus.py's writer, 2 views per patient, noisy frames
 so compression, edges and flow do real work), then times `python -m data_prep.camus` on it
 (clips/s, and the extrapolation to 1,000 clips).
 load: reads items in random order in ONE process (= per DataLoader worker) for --seconds each:
-FrameDataset (stage 1) and ClipDataset without and with flow; prints items/s and MB/s of tensors.
+FrameDataset (stage 1) and ClipDataset without and with flow (and through the encoder cache KEY,
+as training reads them once it exists); prints items/s and MB/s of tensors.
 Without --data it first writes a 256x256 phantom (24 clips) to a temporary folder.
 """
 from __future__ import annotations
@@ -82,9 +83,13 @@ def load(a) -> None:
         print(f"wrote a 256x256 phantom (24 clips) in {time.time() - t:.1f} s")
         path = os.path.join(tmp, "train.h5")
     size = a.size or None
-    for name, ds in [("FrameDataset (stage 1)", FrameDataset(path, size=size)),
-                     ("ClipDataset, no flow", ClipDataset(path, size=size, with_flow=False)),
-                     ("ClipDataset, with flow", ClipDataset(path, size=size, with_flow=True))]:
+    sets = [("FrameDataset (stage 1)", FrameDataset(path, size=size)),
+            ("ClipDataset, no flow", ClipDataset(path, size=size, with_flow=False)),
+            ("ClipDataset, with flow", ClipDataset(path, size=size, with_flow=True))]
+    if a.cache:    # what training reads once the encoder cache exists: latents + prior tokens, no prior frame
+        sets += [("FrameDataset, cached", FrameDataset(path, size=size, cache=a.cache)),
+                 ("ClipDataset, cached", ClipDataset(path, size=size, with_flow=False, cache=a.cache))]
+    for name, ds in sets:
         r, mbs = _rate(ds, a.seconds, True)
         unit = "frames/s" if isinstance(ds, FrameDataset) else "clips/s"
         print(f"load {name:24s} at {ds.size}x{ds.size}: {r:8.1f} {unit} per worker ({mbs:.0f} MB/s of tensors)")
@@ -108,6 +113,8 @@ def main() -> None:
     ld.add_argument("--data", help="an HDF5 split file (default: a fresh 256x256 phantom)")
     ld.add_argument("--size", type=int, default=0, help="resize on load (0 = as stored)")
     ld.add_argument("--seconds", type=float, default=10.0)
+    ld.add_argument("--cache", default="", help="also time reads through this encoder cache key "
+                    "(the KEY of <split>.cache-KEY.h5 beside --data)")
     a = ap.parse_args()
     convert(a) if a.cmd == "convert" else load(a)
 
