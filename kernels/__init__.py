@@ -5,6 +5,7 @@
     dual_cross_attention(q_t, k_t, v_t, q_i, k_i, v_i, scale=None)   kernels/dual_cross_attention.py
     group_norm_silu(x, weight, bias, num_groups, eps=1e-5, silu=True) kernels/group_norm.py
     supports(op, *tensors) -> bool                         the dispatcher's question for `auto`
+    HEARTBEAT_AUTOTUNE=1                                   launch-config autotuning, kernels/tuning.py
 
 Importing this package has no side effects and does not import Triton: the kernel modules load on
 first use. Without Triton, supports() is False and calling a kernel raises a clear RuntimeError.

@@ -340,13 +340,25 @@ def precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-# Heuristic configs, key = padded head dim bucket. No GPU was available to time them: they were
-# chosen so that every bf16/fp16 variant compiles for sm_90 with wgmma and without register spills
-# (ptxas -v, see kernels/compile_check.py), except D > 160 in the backward. Tune on an H100.
-# fwd: (BLOCK_M, BLOCK_N, num_warps, num_stages); bwd: (BLOCK_A, BLOCK_B, num_warps, num_stages), the
-# larger block on the side each backward kernel keeps resident (see bwd_blocks). fp32: stages 1.
-FWD_CONFIGS = {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)}
-BWD_CONFIGS = {64: (64, 64, 8, 2), 128: (64, 64, 8, 2), 256: (16, 64, 8, 1)}
+# Launch configs, key = padded head dim bucket. fwd: (BLOCK_M, BLOCK_N, num_warps, num_stages); bwd:
+# (BLOCK_A, BLOCK_B, num_warps, num_stages), the larger block on the side each backward kernel keeps
+# resident (see bwd_blocks). The first candidate of each list is the default (FWD_CONFIGS /
+# BWD_CONFIGS), a heuristic chosen with no GPU to time it on, such that every bf16/fp16 variant
+# compiles for sm_90 with wgmma and without register spills (ptxas -v, kernels/compile_check.py),
+# except D > 160 in the backward. The others are what kernels/tuning.py times when
+# HEARTBEAT_AUTOTUNE=1 (fp16/bf16 only); all are compiled offline in the tests. fp32: stages 1.
+FWD_CANDIDATES = {
+    64: [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3)],
+    128: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 128, 8, 2)],
+    256: [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
+}
+BWD_CANDIDATES = {
+    64: [(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
+    128: [(64, 64, 8, 2), (64, 32, 4, 2), (128, 64, 8, 1)],
+    256: [(16, 64, 8, 1), (32, 64, 8, 1)],
+}
+FWD_CONFIGS = {b: c[0] for b, c in FWD_CANDIDATES.items()}
+BWD_CONFIGS = {b: c[0] for b, c in BWD_CANDIDATES.items()}
 
 
 def _bucket(D):
@@ -364,6 +376,15 @@ def bwd_config(D, dtype):
     if dtype == torch.float32 and _bucket(D) == 256:
         bm, bn = 32, 32
     return bm, bn, w, (1 if dtype == torch.float32 else s)
+
+
+def tuned_config(name: str, D: int, dtype, key: tuple, candidates: dict, launch, device_ok: bool):
+    """A config from kernels/tuning.py when HEARTBEAT_AUTOTUNE is on (fp16/bf16 on CUDA, or under the
+    interpreter for the tests), else None (the launcher's default)."""
+    from . import tuning
+    if dtype == torch.float32 or not tuning.enabled() or not (device_ok or interpreting()):
+        return None
+    return tuning.choose(name, (str(dtype)[6:], D) + key, candidates[_bucket(D)], launch)
 
 
 POISON = False  # tests set True: fresh outputs start as NaN (0x7fff.. for ints), so unwritten elements show
@@ -457,6 +478,8 @@ def bwd_blocks(config):
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, fwd_cfg, bwd_cfg):
+        fwd_cfg = fwd_cfg or tuned_config("attention.fwd", q.shape[-1], q.dtype, _shape_key(q, k), FWD_CANDIDATES,
+                                          lambda c: attention_fwd(q, k, v, scale, c), q.is_cuda)
         o, lse = attention_fwd(q, k, v, scale, fwd_cfg)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale, ctx.bwd_cfg = scale, bwd_cfg
@@ -465,8 +488,16 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(q, k, v, o, lse, do, ctx.scale, ctx.bwd_cfg)
+        bwd_cfg = ctx.bwd_cfg or tuned_config("attention.bwd", q.shape[-1], q.dtype, _shape_key(q, k), BWD_CANDIDATES,
+                                              lambda c: attention_bwd(q, k, v, o, lse, do, ctx.scale, c), q.is_cuda)
+        dq, dk, dv = attention_bwd(q, k, v, o, lse, do, ctx.scale, bwd_cfg)
         return dq, dk, dv, None, None, None
+
+
+def _shape_key(q, k) -> tuple:
+    """Tuning key beyond (dtype, D): Lq, Lk and the number of (batch, head) pairs, as powers of two."""
+    from .tuning import pow2_bucket
+    return (pow2_bucket(q.shape[1]), pow2_bucket(k.shape[1]), pow2_bucket(q.shape[0] * q.shape[2]))
 
 
 def attention(q, k, v, scale=None, fwd_config=None, bwd_config=None):
@@ -498,24 +529,30 @@ def compile_variants(full=False):
     """The variants the launchers above can produce, for kernels/compile_check.py (see there)."""
     from .compile_check import Variant, make_signature, ptr
     out = []
+    bf, fp, f32 = torch.bfloat16, torch.float16, torch.float32
     if full:
         cases = [(D, dt, em, en) for D in (16, 40, 64, 80, 96, 128, 160, 256)
                  for dt in DTYPES for em in (False, True) for en in (False, True)]
     else:  # every config bucket, every dtype once, ragged and even flags, the SD1.5 head dims
-        bf, fp, f32 = torch.bfloat16, torch.float16, torch.float32
         cases = [(40, bf, False, False), (40, bf, True, True), (64, fp, False, True), (80, bf, False, False),
                  (160, bf, False, False), (256, bf, True, False), (40, f32, False, False)]
-    for D, dt, even_m, even_n in cases:
+    # every autotuning candidate that is not a default, at one ragged shape per head-dim bucket
+    tune = [(D, bf, False, False, f, None) for D in (40, 80, 160) for f in FWD_CANDIDATES[_bucket(D)][1:]]
+    tune += [(D, bf, False, False, None, b) for D in (40, 80, 160) for b in BWD_CANDIDATES[_bucket(D)][1:]]
+    cases = [c + (fwd_config(c[0], c[1]), bwd_config(c[0], c[1])) for c in cases] + tune
+    for D, dt, even_m, even_n, fcfg, bcfg in cases:
         flags = dict(**head_flags(D), EVEN_M=even_m, EVEN_N=even_n, PREC=precision(dt))
         tag = f"D={D} {str(dt)[6:]} EVEN_M={even_m} EVEN_N={even_n}"
         unit = {n: 1 for n in ("sqd", "skd", "svd", "sod", "sdod", "sdqd", "sdkd", "sdvd")}
-        (dq_bm, dq_bn), (kv_bm, kv_bn), bw, bs = bwd_blocks(bwd_config(D, dt))
+        (dq_bm, dq_bn), (kv_bm, kv_bn), bw, bs = bwd_blocks(bcfg or bwd_config(D, dt))
         for kernel, cfg, ptrs in (
-                (_attn_fwd, fwd_config(D, dt), dict(Q=ptr(dt), K=ptr(dt), V=ptr(dt), O=ptr(dt), LSE="*fp32")),
+                (_attn_fwd, fcfg, dict(Q=ptr(dt), K=ptr(dt), V=ptr(dt), O=ptr(dt), LSE="*fp32")),
                 (_attn_bwd_dq, (dq_bm, dq_bn, bw, bs), dict(Q=ptr(dt), K=ptr(dt), V=ptr(dt), O=ptr(dt), DO=ptr(dt),
                                                         DQ=ptr(dt), LSE="*fp32", DELTA="*fp32")),
                 (_attn_bwd_dkdv, (kv_bm, kv_bn, bw, bs), dict(Q=ptr(dt), K=ptr(dt), V=ptr(dt), DO=ptr(dt), DK=ptr(dt),
                                                           DV=ptr(dt), LSE="*fp32", DELTA="*fp32"))):
+            if (kernel is _attn_fwd and fcfg is None) or (kernel is not _attn_fwd and bcfg is None):
+                continue
             bm, bn, warps, stages = cfg
             const = dict(flags, BLOCK_M=bm, BLOCK_N=bn, **{n: 1 for n in unit if n in kernel.arg_names})
             sig = make_signature(kernel, ptrs, floats=("qk_scale", "sm_scale"), constexprs=const)

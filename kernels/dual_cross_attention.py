@@ -27,8 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import (DTYPES, LOG2E, _attn_bwd_dkdv, _branch_fwd, _dq_loop, _load, _store, bwd_blocks,
-                        bwd_config, check_qkv, empty, fwd_config, head_flags, precision)
+from .attention import (BWD_CANDIDATES, DTYPES, FWD_CANDIDATES, LOG2E, _attn_bwd_dkdv, _branch_fwd, _bucket,
+                        _dq_loop, _load, _store, bwd_blocks, bwd_config, check_qkv, empty, fwd_config, head_flags,
+                        precision, tuned_config)
 
 
 @triton.jit
@@ -214,8 +215,8 @@ def _flags(Lq, Lt, Li, D, dtype, bm, bnt, bni, shared):
 def dual_fwd(q_t, k_t, v_t, q_i, k_i, v_i, scale, config=None):
     B, Lq, H, D = q_t.shape
     Lt, Li = k_t.shape[1], k_i.shape[1]
-    bm, _, warps, stages = config or fwd_config(D, q_t.dtype)
-    bnt, bni = (config[1], config[1]) if config else (ctx_block(Lt), ctx_block(Li))
+    bm, cap, warps, stages = config or fwd_config(D, q_t.dtype)
+    bnt, bni = ctx_block(Lt, cap), ctx_block(Li, cap)
     o = empty(q_t.shape, q_t)
     lse = empty((2, B, H, Lq), q_t, torch.float32)
     m_blocks = triton.cdiv(Lq, bm)
@@ -232,7 +233,7 @@ def dual_bwd(q_t, k_t, v_t, q_i, k_i, v_i, lse, do, scale, sum_dq, config=None):
     B, Lq, H, D = q_t.shape
     Lt, Li = k_t.shape[1], k_i.shape[1]
     (bm, dq_bn), (kv_bm, kv_bn), warps, stages = bwd_blocks(config or bwd_config(D, q_t.dtype))
-    bnt, bni = (config[1], config[1]) if config else (ctx_block(Lt, dq_bn), ctx_block(Li, dq_bn))
+    bnt, bni = ctx_block(Lt, dq_bn), ctx_block(Li, dq_bn)
     dq_t = empty(q_t.shape, q_t)
     dq_i = dq_t if sum_dq else empty(q_i.shape, q_i)
     delta = empty(lse.shape, lse)
@@ -246,7 +247,7 @@ def dual_bwd(q_t, k_t, v_t, q_i, k_i, v_i, lse, do, scale, sum_dq, config=None):
     grads = []
     for q, k, v, branch in ((q_t, k_t, v_t, 0), (q_i, k_i, v_i, 1)):
         Lk = k.shape[1]
-        bn = config[1] if config else kv_bn   # even for 16 tokens: masked, but wgmma-sized and spill-free
+        bn = kv_bn   # even for 16 tokens: masked, but wgmma-sized and spill-free
         dk, dv = empty(k.shape, k), empty(v.shape, v)
         n_blocks = triton.cdiv(Lk, bn)
         _attn_bwd_dkdv[(B * H * n_blocks,)](
@@ -261,6 +262,9 @@ def dual_bwd(q_t, k_t, v_t, q_i, k_i, v_i, lse, do, scale, sum_dq, config=None):
 class _DualCrossAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_t, k_t, v_t, q_i, k_i, v_i, scale, sum_dq, fwd_cfg, bwd_cfg):
+        key = _shape_key(q_t, k_t, k_i)
+        fwd_cfg = fwd_cfg or tuned_config("dual.fwd", q_t.shape[-1], q_t.dtype, key, FWD_CANDIDATES,
+                                          lambda c: dual_fwd(q_t, k_t, v_t, q_i, k_i, v_i, scale, c), q_t.is_cuda)
         o, lse = dual_fwd(q_t, k_t, v_t, q_i, k_i, v_i, scale, fwd_cfg)
         ctx.save_for_backward(q_t, k_t, v_t, q_i, k_i, v_i, lse)
         ctx.scale, ctx.sum_dq, ctx.bwd_cfg = scale, sum_dq, bwd_cfg
@@ -269,9 +273,18 @@ class _DualCrossAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q_t, k_t, v_t, q_i, k_i, v_i, lse = ctx.saved_tensors
+        bwd_cfg = ctx.bwd_cfg or tuned_config(
+            "dual.bwd", q_t.shape[-1], q_t.dtype, _shape_key(q_t, k_t, k_i), BWD_CANDIDATES,
+            lambda c: dual_bwd(q_t, k_t, v_t, q_i, k_i, v_i, lse, do, ctx.scale, ctx.sum_dq, c), q_t.is_cuda)
         dq_t, dq_i, dk_t, dv_t, dk_i, dv_i = dual_bwd(q_t, k_t, v_t, q_i, k_i, v_i, lse, do, ctx.scale,
-                                                      ctx.sum_dq, ctx.bwd_cfg)
+                                                      ctx.sum_dq, bwd_cfg)
         return dq_t, dk_t, dv_t, dq_i, dk_i, dv_i, None, None, None, None
+
+
+def _shape_key(q_t, k_t, k_i) -> tuple:
+    from .tuning import pow2_bucket
+    return (pow2_bucket(q_t.shape[1]), pow2_bucket(k_t.shape[1]), pow2_bucket(k_i.shape[1]),
+            pow2_bucket(q_t.shape[0] * q_t.shape[2]))
 
 
 def check_inputs(q_t, k_t, v_t, q_i, k_i, v_i):
@@ -288,7 +301,8 @@ def dual_cross_attention(q_t, k_t, v_t, q_i, k_i, v_i, scale=None, fwd_config=No
     When q_i is q_t (the same tensor object), Q is read once and one dQ is written (autograd then
     credits it once); when they are different objects viewing the same memory, Q is still read once
     in the forward but each gets its own gradient. fwd_config / bwd_config: (BLOCK_M, BLOCK_N,
-    num_warps, num_stages) overrides for tests and tuning (BLOCK_N used for both contexts)."""
+    num_warps, num_stages) overrides for tests and tuning (BLOCK_N caps both contexts' key blocks, as
+    64 does by default); without them, kernels/tuning.py picks one when HEARTBEAT_AUTOTUNE=1."""
     check_inputs(q_t, k_t, v_t, q_i, k_i, v_i)
     scale = 1.0 / math.sqrt(q_t.shape[-1]) if scale is None else float(scale)
     return _DualCrossAttention.apply(q_t, k_t, v_t, q_i, k_i, v_i, scale, q_i is q_t, fwd_config, bwd_config)
@@ -312,6 +326,30 @@ def dual_cross_attention_ref(q_t, k_t, v_t, q_i, k_i, v_i, scale=None):
     return attn(q_t, k_t, v_t) + attn(q_i, k_i, v_i)
 
 
+def _tuning_variants(D, dt, lt, li, shared, fcfg, bcfg, tag, unit):
+    """The forward and dQ variants of a forward and a backward config (either may be None)."""
+    from .compile_check import Variant, make_signature, ptr
+    out = []
+    if fcfg is not None:
+        bm, cap, warps, stages = fcfg
+        fl = _flags(1000, lt, li, D, dt, bm, ctx_block(lt, cap), ctx_block(li, cap), shared)
+        c = dict(fl, **{n: 1 for n in unit if n in _dual_fwd.arg_names})
+        ptrs = {n: ptr(dt) for n in ("QT", "KT", "VT", "QI", "KI", "VI", "O")}
+        sig = make_signature(_dual_fwd, dict(ptrs, LSE="*fp32"), floats=("qk_scale",), constexprs=c)
+        out.append(Variant(f"_dual_fwd {tag} BM={bm} BNT={fl['BLOCK_NT']} BNI={fl['BLOCK_NI']} w={warps} s={stages}",
+                           _dual_fwd, sig, c, warps, stages, expect_mma=dt != torch.float32))
+    if bcfg is not None:
+        (bm, dq_bn), _, warps, stages = bwd_blocks(bcfg)
+        fl = _flags(1000, lt, li, D, dt, bm, ctx_block(lt, dq_bn), ctx_block(li, dq_bn), shared)
+        c = dict(fl, SUM_DQ=shared, **{n: 1 for n in unit if n in _dual_bwd_dq.arg_names})
+        ptrs = {n: ptr(dt) for n in ("QT", "KT", "VT", "QI", "KI", "VI", "DO", "DQT", "DQI")}
+        sig = make_signature(_dual_bwd_dq, dict(ptrs, LSE="*fp32", DELTA="*fp32"),
+                             floats=("qk_scale", "sm_scale"), constexprs=c)
+        out.append(Variant(f"_dual_bwd_dq {tag} BM={bm} BNT={fl['BLOCK_NT']} BNI={fl['BLOCK_NI']} w={warps} s={stages}",
+                           _dual_bwd_dq, sig, c, warps, stages, expect_mma=dt != torch.float32))
+    return out
+
+
 def compile_variants(full=False):
     from .compile_check import Variant, make_signature, ptr
     out = []
@@ -322,24 +360,18 @@ def compile_variants(full=False):
     else:  # SD1.5 head dims, the UNet's contexts (77 text; 16 / 64 / 256 image), shared and separate Q
         cases = [(40, bf, 77, 16, True), (80, bf, 77, 64, False), (160, bf, 154, 256, True),
                  (40, f32, 77, 16, False)]
+    # every autotuning candidate that is not a default (kernels/attention.py's lists): forward and dQ
+    shapes = ((40, 77, 16, True), (80, 77, 64, False), (160, 154, 256, True))
+    tune = [(D, bf, lt, li, sh, f, None) for D, lt, li, sh in shapes for f in FWD_CANDIDATES[_bucket(D)][1:]]
+    tune += [(D, bf, lt, li, sh, None, b) for D, lt, li, sh in shapes for b in BWD_CANDIDATES[_bucket(D)][1:]]
+    unit = ("sqtd", "sktd", "svtd", "sqid", "skid", "svid", "sod", "sdod", "sgd")
+    for D, dt, lt, li, shared, fcfg, bcfg in tune:
+        out += _tuning_variants(D, dt, lt, li, shared, fcfg, bcfg, f"D={D} bfloat16 Lt={lt} Li={li} SHARED_Q={shared}",
+                                unit)
     for D, dt, lt, li, shared in cases:
-        bm, _, warps, stages = fwd_config(D, dt)
-        fl = _flags(1000, lt, li, D, dt, bm, ctx_block(lt), ctx_block(li), shared)
-        unit = ("sqtd", "sktd", "svtd", "sqid", "skid", "svid", "sod", "sdod", "sgd")
         tag = f"D={D} {str(dt)[6:]} Lt={lt} Li={li} SHARED_Q={shared}"
-        c = dict(fl, **{n: 1 for n in unit if n in _dual_fwd.arg_names})
-        ptrs = {n: ptr(dt) for n in ("QT", "KT", "VT", "QI", "KI", "VI", "O")}
-        sig = make_signature(_dual_fwd, dict(ptrs, LSE="*fp32"), floats=("qk_scale",), constexprs=c)
-        out.append(Variant(f"_dual_fwd {tag} BM={bm} BNT={fl['BLOCK_NT']} BNI={fl['BLOCK_NI']}",
-                           _dual_fwd, sig, c, warps, stages, expect_mma=dt != f32))
-        (bm, dq_bn), (kv_bm, kv_bn), warps, stages = bwd_blocks(bwd_config(D, dt))
-        fl = _flags(1000, lt, li, D, dt, bm, ctx_block(lt, dq_bn), ctx_block(li, dq_bn), shared)
-        c = dict(fl, SUM_DQ=shared, **{n: 1 for n in unit if n in _dual_bwd_dq.arg_names})
-        ptrs = {n: ptr(dt) for n in ("QT", "KT", "VT", "QI", "KI", "VI", "DO", "DQT", "DQI")}
-        sig = make_signature(_dual_bwd_dq, dict(ptrs, LSE="*fp32", DELTA="*fp32"),
-                             floats=("qk_scale", "sm_scale"), constexprs=c)
-        out.append(Variant(f"_dual_bwd_dq {tag} BM={bm} BNT={fl['BLOCK_NT']} BNI={fl['BLOCK_NI']}",
-                           _dual_bwd_dq, sig, c, warps, stages, expect_mma=dt != f32))
+        out += _tuning_variants(D, dt, lt, li, shared, fwd_config(D, dt), bwd_config(D, dt), tag, unit)
+        _, (kv_bm, kv_bn), warps, stages = bwd_blocks(bwd_config(D, dt))
         bn = kv_bn   # the dK/dV kernel of kernels/attention.py, once per EVEN_N value the contexts need
         for L in sorted({lt, li}, key=lambda L: L % bn == 0):
             if L == li and lt != li and (lt % bn == 0) == (li % bn == 0):

@@ -1,6 +1,6 @@
 """Benchmarks of the Triton kernels against SDPA (each backend), xformers and eager math, on the sd15 shapes.
 
-    python tools/bench.py [--kernels] [--e2e] [--json FILE] [--reps N] [--quick]
+    python tools/bench.py [--kernels] [--e2e] [--json FILE] [--reps N] [--only ...] [--autotune]
 
 --kernels (the default when neither is given): every kernel at the sd15 shapes, forward, backward and
 forward+backward, medians of CUDA-event timings after warm-up, in the same run as:
@@ -458,7 +458,12 @@ def main(argv=None):
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU: run the kernel tables' code on tiny shapes in the interpreter (checks this "
                          "script; the numbers mean nothing)")
+    ap.add_argument("--autotune", action="store_true",
+                    help="HEARTBEAT_AUTOTUNE=1: the attention kernels time their candidate configs per shape "
+                         "first (kernels/tuning.py); the choices are printed and stored under 'tuning'")
     args = ap.parse_args(argv)
+    if args.autotune:
+        os.environ["HEARTBEAT_AUTOTUNE"] = "1"
     if not args.kernels and not args.e2e:
         args.kernels = True
     env = environment()
@@ -503,6 +508,10 @@ def main(argv=None):
             print("[e2e]")
             print_rows(rows)
             result["rows"] += rows
+    if args.autotune:
+        from kernels import tuning
+        result["tuning"] = tuning.report()
+        print("[autotune choices]\n" + (result["tuning"] or "(none: no tuned kernel ran)"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
