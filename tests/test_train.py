@@ -188,12 +188,15 @@ def _ddp_args(data, out, extra=()):
 def test_ddp_two_processes_match_one(chain, data, tmp_path):
     """2 gloo processes x 2 samples == 1 process x 4 samples (per-sample noise; no BatchNorm in use)."""
     vae = f"--vae={chain / '000-vae-tiny'}"
+    fresh = tmp_path / "data"          # without the encoder cache: rank 0 writes it while rank 1 waits
+    shutil.copytree(data / "echo", fresh / "echo", ignore=shutil.ignore_patterns("*.cache-*"))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tools" / "train.py")] + _ddp_args(data, tmp_path / "ddp", [vae])
+           str(ROOT / "tools" / "train.py")] + _ddp_args(fresh, tmp_path / "ddp", [vae])
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    run(*_ddp_args(data, tmp_path / "one", [vae]))
+    assert "writing the encoder cache" in r.stdout and len(list((fresh / "echo").glob("train.cache-*.h5"))) == 1
+    run(*_ddp_args(fresh, tmp_path / "one", [vae]))
     a = ckpt.read_weights(ckpt.find_weights(tmp_path / "ddp" / "000-pretrain-tiny"))
     b = ckpt.read_weights(ckpt.find_weights(tmp_path / "one" / "000-pretrain-tiny"))
     assert a.meta["step"] == "3"
