@@ -150,32 +150,43 @@ def _attn_fwd(Q, K, V, O, LSE,
 # ----------------------------------------------------------------------------- backward
 
 @triton.jit
+def _p_dp_tile(q0, q1, do0, do1, K, V, skl, skd, svl, svd, n, Lk, D, qk_scale, lse,
+               D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, MASK_D0: tl.constexpr,
+               MASK_D1: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr):
+    """One key tile n of a query block's backward: P recomputed from the row logsumexp (base 2),
+    dP = dO V^T, and the K^T pieces that dQ = dS K needs (k1t is k0t when there is no second piece)."""
+    d0 = tl.arange(0, D0)
+    d1 = D0 + tl.arange(0, D1)
+    n_ok_row = n[None, :] < Lk
+    k0t = _load(K + n[None, :] * skl + d0[:, None] * skd, d0[:, None] < D, n_ok_row, MASK_D0, not EVEN_N)
+    v0t = _load(V + n[None, :] * svl + d0[:, None] * svd, d0[:, None] < D, n_ok_row, MASK_D0, not EVEN_N)
+    s = tl.dot(q0, k0t, input_precision=PREC)
+    dp = tl.dot(do0, v0t, input_precision=PREC)
+    k1t = k0t
+    if HAS_D1:
+        k1t = _load(K + n[None, :] * skl + d1[:, None] * skd, d1[:, None] < D, n_ok_row, MASK_D1, not EVEN_N)
+        v1t = _load(V + n[None, :] * svl + d1[:, None] * svd, d1[:, None] < D, n_ok_row, MASK_D1, not EVEN_N)
+        s += tl.dot(q1, k1t, input_precision=PREC)
+        dp += tl.dot(do1, v1t, input_precision=PREC)
+    p = tl.exp2(s * qk_scale - lse[:, None])
+    if not EVEN_N:
+        p = tl.where(n_ok_row, p, 0.0)
+    return p, dp, k0t, k1t
+
+
+@triton.jit
 def _dq_loop(q0, q1, do0, do1, K, V, skl, skd, svl, svd, Lk, D, qk_scale, lse, delta,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
              HAS_D1: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr,
              EVEN_N: tl.constexpr, PREC: tl.constexpr):
-    """Unscaled dQ of one query block over one context, P recomputed from the row logsumexp (base 2):
-    dQ = sum_n (P * (dP - delta)) K with dP = dO V^T. Shared by the spatial and dual backward."""
+    """Unscaled dQ of one query block over one context: dQ = sum_n (P * (dP - delta)) K.
+    Shared by the spatial and the dual backward."""
     offs_n = tl.arange(0, BLOCK_N)
-    d0 = tl.arange(0, D0)
-    d1 = D0 + tl.arange(0, D1)
     dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     for start_n in range(0, Lk, BLOCK_N):
-        n = start_n + offs_n
-        n_ok_row = n[None, :] < Lk
-        k0t = _load(K + n[None, :] * skl + d0[:, None] * skd, d0[:, None] < D, n_ok_row, MASK_D0, not EVEN_N)
-        v0t = _load(V + n[None, :] * svl + d0[:, None] * svd, d0[:, None] < D, n_ok_row, MASK_D0, not EVEN_N)
-        s = tl.dot(q0, k0t, input_precision=PREC)
-        dp = tl.dot(do0, v0t, input_precision=PREC)
-        if HAS_D1:
-            k1t = _load(K + n[None, :] * skl + d1[:, None] * skd, d1[:, None] < D, n_ok_row, MASK_D1, not EVEN_N)
-            v1t = _load(V + n[None, :] * svl + d1[:, None] * svd, d1[:, None] < D, n_ok_row, MASK_D1, not EVEN_N)
-            s += tl.dot(q1, k1t, input_precision=PREC)
-            dp += tl.dot(do1, v1t, input_precision=PREC)
-        p = tl.exp2(s * qk_scale - lse[:, None])
-        if not EVEN_N:
-            p = tl.where(n_ok_row, p, 0.0)
+        p, dp, k0t, k1t = _p_dp_tile(q0, q1, do0, do1, K, V, skl, skd, svl, svd, start_n + offs_n, Lk, D,
+                                     qk_scale, lse, D0, D1, HAS_D1, MASK_D0, MASK_D1, EVEN_N, PREC)
         ds = (p * (dp - delta[:, None])).to(q0.dtype)
         dq0 += tl.dot(ds, tl.trans(k0t), input_precision=PREC)
         if HAS_D1:

@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 
 from .attention import (BWD_CANDIDATES, DTYPES, FWD_CANDIDATES, LOG2E, _attn_bwd_dkdv, _branch_fwd, _bucket,
-                        _dq_loop, _load, _store, bwd_blocks, bwd_config, check_qkv, empty, fwd_config, head_flags,
-                        precision, tuned_config)
+                        _dq_loop, _load, _p_dp_tile, _store, bwd_blocks, bwd_config, check_qkv, empty, fwd_config,
+                        head_flags, precision, tuned_config)
 
 
 @triton.jit
@@ -96,24 +96,10 @@ def _branch_dq(q0, q1, do0, do1, K, V, skl, skd, svl, svd, Lk, D, qk_scale, lse,
                EVEN_N: tl.constexpr, PREC: tl.constexpr):
     """Unscaled dQ of one branch and its delta = rowsum(P * dP), in two passes over the keys."""
     offs_n = tl.arange(0, BLOCK_N)
-    d0 = tl.arange(0, D0)
-    d1 = D0 + tl.arange(0, D1)
     delta = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(0, Lk, BLOCK_N):   # pass 1: delta
-        n = start_n + offs_n
-        n_ok_row = n[None, :] < Lk
-        k0t = _load(K + n[None, :] * skl + d0[:, None] * skd, d0[:, None] < D, n_ok_row, MASK_D0, not EVEN_N)
-        v0t = _load(V + n[None, :] * svl + d0[:, None] * svd, d0[:, None] < D, n_ok_row, MASK_D0, not EVEN_N)
-        s = tl.dot(q0, k0t, input_precision=PREC)
-        dp = tl.dot(do0, v0t, input_precision=PREC)
-        if HAS_D1:
-            k1t = _load(K + n[None, :] * skl + d1[:, None] * skd, d1[:, None] < D, n_ok_row, MASK_D1, not EVEN_N)
-            v1t = _load(V + n[None, :] * svl + d1[:, None] * svd, d1[:, None] < D, n_ok_row, MASK_D1, not EVEN_N)
-            s += tl.dot(q1, k1t, input_precision=PREC)
-            dp += tl.dot(do1, v1t, input_precision=PREC)
-        p = tl.exp2(s * qk_scale - lse[:, None])
-        if not EVEN_N:
-            p = tl.where(n_ok_row, p, 0.0)
+        p, dp, _k0t, _k1t = _p_dp_tile(q0, q1, do0, do1, K, V, skl, skd, svl, svd, start_n + offs_n, Lk, D,
+                                       qk_scale, lse, D0, D1, HAS_D1, MASK_D0, MASK_D1, EVEN_N, PREC)
         delta += tl.sum(p * dp, 1)
     dq0, dq1 = _dq_loop(q0, q1, do0, do1, K, V, skl, skd, svl, svd, Lk, D, qk_scale, lse, delta,   # pass 2
                         BLOCK_M, BLOCK_N, D0, D1, HAS_D1, MASK_D0, MASK_D1, EVEN_N, PREC)
