@@ -358,3 +358,34 @@ def test_pretrain_from_an_sd15_single_file(data, tmp_path, capsys):
     (tmp_path / "sd" / "tokenizer").rename(tmp_path / "sd" / "elsewhere")
     run("--stage=pretrain", *common, f"--init={tmp_path / 'sd' / 'sd15.safetensors'}", expect=2)
     assert "no tokenizer: pass --text_weights" in capsys.readouterr().err
+
+
+def test_pretrain_and_finetune_with_a_medsam_prior(chain, data, tmp_path):
+    """--prior=medsam --prior_weights=FILE: the SAM ViT encoder is the frozen image prior, its tokens are
+    cached like the VAE's, and stage 2 finds the file again through the recorded config."""
+    from heartbeat.image_prior import SAMImageEncoder
+    from heartbeat.trainer import build_model, cache_key
+    from heartbeat.data import FrameDataset
+    torch.manual_seed(0)
+    sam = SAMImageEncoder(img_size=64, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0,
+                          out_chans=16, window_size=3, global_attn_indexes=(1,))
+    torch.save({"image_encoder." + k: v for k, v in sam.state_dict().items()}, tmp_path / "medsam_tiny.pth")
+    shutil.copytree(data / "echo", tmp_path / "echo", ignore=shutil.ignore_patterns("*.cache-*"))
+    common = TINY + [f"--data={tmp_path / 'echo'}", f"--out={tmp_path / 'runs'}", "--prior=medsam", "--prior_dim=16",
+                     f"--prior_weights={tmp_path / 'medsam_tiny.pth'}"]
+    run("--stage=pretrain", *common, "--batch_size=4", "--max_steps=2", f"--vae={chain / '000-vae-tiny'}")
+    w = ckpt.read_weights(ckpt.find_weights(tmp_path / "runs" / "000-pretrain-tiny"))
+    model = build_model(w.config)
+    model.load_model_state(w.ema_model_state())
+    ds = FrameDataset(tmp_path / "echo" / "train.h5", size=32, conditions=("prior",), cache=cache_key(model.eval()))
+    plain = FrameDataset(tmp_path / "echo" / "train.h5", size=32, conditions=("prior",))
+    torch.manual_seed(1)
+    a = ds[3]
+    torch.manual_seed(1)
+    b = plain[3]
+    with torch.no_grad():
+        torch.testing.assert_close(a["prior_tokens"], model.image_prior(b["prior"][None])[0], atol=1e-5, rtol=1e-4)
+    run("--stage=finetune", *TINY, "--prior_dim=16", f"--data={tmp_path / 'echo'}", f"--out={tmp_path / 'runs'}",
+        "--batch_size=2", "--max_steps=1")      # (TINY's own --prior_dim=32 would override the checkpoint's)
+    fin = ckpt.read_weights(ckpt.find_weights(tmp_path / "runs" / "001-finetune-tiny")).config
+    assert fin.model.prior == "medsam" and fin.model.prior_weights == str(tmp_path / "medsam_tiny.pth")
