@@ -37,7 +37,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import conditions
-from .h5io import ECHO_LABELS, DataPrepError, convert, run_cli
+from .h5io import ECHO_LABELS, DataPrepError, add_cli_args, convert, run_cli
 
 VIEWS = ("2CH", "4CH")
 TEXT = {"2CH": "An ECHO with 2-chamber view.", "4CH": "An ECHO with 4-chamber view."}
@@ -259,14 +259,7 @@ def build(src, out, frames=16, size=256, split="official", seed=0, workers=1, sk
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--src", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--frames", type=int, default=16)
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--split", choices=("official", "random"), default="official")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--skip-bad", action="store_true", help="skip unreadable/inconsistent cases, list them at the end")
-    ap.add_argument("--force", action="store_true", help="overwrite existing output files")
+    add_cli_args(ap, "cases")
     a = ap.parse_args(argv)
     return run_cli(lambda log: build(a.src, a.out, a.frames, a.size, a.split, a.seed, max(1, a.workers),
                                      a.skip_bad, a.force, log=log))

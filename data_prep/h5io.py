@@ -220,6 +220,18 @@ def convert(splits: dict, make_clip, out_dir, *, frames: int, size: int, labels:
     return paths, skipped
 
 
+def add_cli_args(ap, what: str) -> None:
+    """The options every converter shares (after its own --src / --csv)."""
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--split", choices=("official", "random"), default="official")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--skip-bad", action="store_true", help=f"skip unreadable/inconsistent {what}, list them at the end")
+    ap.add_argument("--force", action="store_true", help="overwrite existing output files")
+
+
 def run_cli(build) -> int:
     """The converters' command-line tail: build(log) -> (paths by split, skipped cases); prints what it
     wrote, what it skipped and the time; a DataPrepError becomes one `error:` line and exit code 1."""

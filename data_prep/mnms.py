@@ -25,7 +25,7 @@ import numpy as np
 
 from . import conditions
 from .camus import random_split, read_image
-from .h5io import CMR_LABELS, DataPrepError, convert, run_cli
+from .h5io import CMR_LABELS, DataPrepError, add_cli_args, convert, run_cli
 from .phantom import CMR_TEXT
 
 COLUMNS = ("External code", "VendorName", "Vendor", "Centre", "ED", "ES")
@@ -144,14 +144,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--src", required=True)
     ap.add_argument("--csv", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--frames", type=int, default=16)
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--split", choices=("official", "random"), default="official")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--skip-bad", action="store_true", help="skip unreadable/inconsistent subjects, list them at the end")
-    ap.add_argument("--force", action="store_true", help="overwrite existing output files")
+    add_cli_args(ap, "subjects")
     a = ap.parse_args(argv)
     return run_cli(lambda log: build(a.src, a.csv, a.out, a.frames, a.size, a.split, a.seed, max(1, a.workers),
                                      a.skip_bad, a.force, log=log))

@@ -66,6 +66,40 @@ def _store(ptrs, x, m0, m1, USE_M0: tl.constexpr, USE_M1: tl.constexpr):
             tl.store(ptrs, x)
 
 
+@triton.jit
+def _load_rows(X, roff, rok, sd, D, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+               MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, MASK_R: tl.constexpr):
+    """A (rows, D) tile as its two head-dim pieces: X + roff[r] + d * sd for d in [0, D0) and
+    [D0, D0 + D1); x1 is x0 when there is no second piece. rok (rows,) masks rows when MASK_R."""
+    d0 = tl.arange(0, D0)
+    d1 = D0 + tl.arange(0, D1)
+    x0 = _load(X + roff[:, None] + d0[None, :] * sd, rok[:, None], d0[None, :] < D, MASK_R, MASK_D0)
+    x1 = x0
+    if HAS_D1:
+        x1 = _load(X + roff[:, None] + d1[None, :] * sd, rok[:, None], d1[None, :] < D, MASK_R, MASK_D1)
+    return x0, x1
+
+
+@triton.jit
+def _store_rows(X, roff, rok, sd, x0, x1, D, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+                MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, MASK_R: tl.constexpr):
+    """Store the two head-dim pieces of a (rows, D) tile (cast to X's type), as _load_rows reads them."""
+    d0 = tl.arange(0, D0)
+    d1 = D0 + tl.arange(0, D1)
+    _store(X + roff[:, None] + d0[None, :] * sd, x0.to(X.dtype.element_ty), rok[:, None], d0[None, :] < D,
+           MASK_R, MASK_D0)
+    if HAS_D1:
+        _store(X + roff[:, None] + d1[None, :] * sd, x1.to(X.dtype.element_ty), rok[:, None], d1[None, :] < D,
+               MASK_R, MASK_D1)
+
+
+@triton.jit
+def _head_block(pid, blocks, H):
+    """Program id -> (b*H + h, block index, b, h), b and h as int64 for the pointer offsets."""
+    bh = pid // blocks
+    return bh, pid % blocks, (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+
+
 # ----------------------------------------------------------------------------- forward
 
 @triton.jit
@@ -113,33 +147,19 @@ def _attn_fwd(Q, K, V, O, LSE,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
               HAS_D1: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr,
               EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    bh = pid // m_blocks
-    mb = pid % m_blocks
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    Q += b * sqb + h * sqh
+    bh, mb, b, h = _head_block(tl.program_id(0), m_blocks, H)
     K += b * skb + h * skh
     V += b * svb + h * svh
-    O += b * sob + h * soh
-
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    d0 = tl.arange(0, D0)
-    m_ok = offs_m[:, None] < Lq
-    q0 = _load(Q + offs_m[:, None] * sql + d0[None, :] * sqd, m_ok, d0[None, :] < D, not EVEN_M, MASK_D0)
-    q1 = q0
-    d1 = D0 + tl.arange(0, D1)
-    if HAS_D1:
-        q1 = _load(Q + offs_m[:, None] * sql + d1[None, :] * sqd, m_ok, d1[None, :] < D, not EVEN_M, MASK_D1)
+    m_ok = offs_m < Lq
+    q0, q1 = _load_rows(Q + b * sqb + h * sqh, offs_m * sql, m_ok, sqd, D, D0, D1, HAS_D1, MASK_D0, MASK_D1,
+                        not EVEN_M)
     acc0, acc1, m_i, l_i = _branch_fwd(q0, q1, K, V, skl, skd, svl, svd, Lk, D, qk_scale, BLOCK_M, BLOCK_N,
                                        D0, D1, HAS_D1, MASK_D0, MASK_D1, EVEN_N, PREC)
 
     inv_l = 1.0 / l_i
-    _store(O + offs_m[:, None] * sol + d0[None, :] * sod, (acc0 * inv_l[:, None]).to(O.dtype.element_ty),
-           m_ok, d0[None, :] < D, not EVEN_M, MASK_D0)
-    if HAS_D1:
-        _store(O + offs_m[:, None] * sol + d1[None, :] * sod, (acc1 * inv_l[:, None]).to(O.dtype.element_ty),
-               m_ok, d1[None, :] < D, not EVEN_M, MASK_D1)
+    _store_rows(O + b * sob + h * soh, offs_m * sol, m_ok, sod, acc0 * inv_l[:, None], acc1 * inv_l[:, None],
+                D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_M)
     lse_ptrs = LSE + bh.to(tl.int64) * Lq + offs_m
     if EVEN_M:
         tl.store(lse_ptrs, m_i + tl.log2(l_i))
@@ -203,32 +223,19 @@ def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA,
                  HAS_D1: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr,
                  EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr):
     """One program per (b, h, query block): delta = rowsum(dO * O) (stored), then dQ."""
-    pid = tl.program_id(0)
-    bh = pid // m_blocks
-    mb = pid % m_blocks
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    Q += b * sqb + h * sqh
+    bh, mb, b, h = _head_block(tl.program_id(0), m_blocks, H)
     K += b * skb + h * skh
     V += b * svb + h * svh
-    O += b * sob + h * soh
-    DO += b * sdob + h * sdoh
-    DQ += b * sdqb + h * sdqh
-
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    d0 = tl.arange(0, D0)
-    m_ok = offs_m[:, None] < Lq
-    q0 = _load(Q + offs_m[:, None] * sql + d0[None, :] * sqd, m_ok, d0[None, :] < D, not EVEN_M, MASK_D0)
-    do0 = _load(DO + offs_m[:, None] * sdol + d0[None, :] * sdod, m_ok, d0[None, :] < D, not EVEN_M, MASK_D0)
-    o0 = _load(O + offs_m[:, None] * sol + d0[None, :] * sod, m_ok, d0[None, :] < D, not EVEN_M, MASK_D0)
+    m_ok = offs_m < Lq
+    q0, q1 = _load_rows(Q + b * sqb + h * sqh, offs_m * sql, m_ok, sqd,
+                        D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_M)
+    do0, do1 = _load_rows(DO + b * sdob + h * sdoh, offs_m * sdol, m_ok, sdod,
+                          D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_M)
+    o0, o1 = _load_rows(O + b * sob + h * soh, offs_m * sol, m_ok, sod,
+                        D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_M)
     delta = tl.sum(do0.to(tl.float32) * o0.to(tl.float32), 1)
-    q1 = q0
-    do1 = do0
-    d1 = D0 + tl.arange(0, D1)
     if HAS_D1:
-        q1 = _load(Q + offs_m[:, None] * sql + d1[None, :] * sqd, m_ok, d1[None, :] < D, not EVEN_M, MASK_D1)
-        do1 = _load(DO + offs_m[:, None] * sdol + d1[None, :] * sdod, m_ok, d1[None, :] < D, not EVEN_M, MASK_D1)
-        o1 = _load(O + offs_m[:, None] * sol + d1[None, :] * sod, m_ok, d1[None, :] < D, not EVEN_M, MASK_D1)
         delta += tl.sum(do1.to(tl.float32) * o1.to(tl.float32), 1)
     row = bh.to(tl.int64) * Lq + offs_m
     if EVEN_M:
@@ -241,11 +248,8 @@ def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA,
     dq0, dq1 = _dq_loop(q0, q1, do0, do1, K, V, skl, skd, svl, svd, Lk, D, qk_scale, lse, delta,
                         BLOCK_M, BLOCK_N, D0, D1, HAS_D1, MASK_D0, MASK_D1, EVEN_N, PREC)
 
-    _store(DQ + offs_m[:, None] * sdql + d0[None, :] * sdqd, (dq0 * sm_scale).to(DQ.dtype.element_ty),
-           m_ok, d0[None, :] < D, not EVEN_M, MASK_D0)
-    if HAS_D1:
-        _store(DQ + offs_m[:, None] * sdql + d1[None, :] * sdqd, (dq1 * sm_scale).to(DQ.dtype.element_ty),
-               m_ok, d1[None, :] < D, not EVEN_M, MASK_D1)
+    _store_rows(DQ + b * sdqb + h * sdqh, offs_m * sdql, m_ok, sdqd, dq0 * sm_scale, dq1 * sm_scale,
+                D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_M)
 
 
 @triton.jit
@@ -258,41 +262,31 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
                    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr):
     """One program per (b, h, key block), looping over query blocks: dK and dV (transposed math:
     S^T = K Q^T so that P^T, dP^T come out in the layout the dots want)."""
-    pid = tl.program_id(0)
-    bh = pid // n_blocks
-    nb = pid % n_blocks
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh, nb, b, h = _head_block(tl.program_id(0), n_blocks, H)
     Q += b * sqb + h * sqh
-    K += b * skb + h * skh
-    V += b * svb + h * svh
     DO += b * sdob + h * sdoh
-    DK += b * sdkb + h * sdkh
-    DV += b * sdvb + h * sdvh
     LSE += bh.to(tl.int64) * Lq
     DELTA += bh.to(tl.int64) * Lq
 
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     d0 = tl.arange(0, D0)
-    n_ok = offs_n[:, None] < Lk
-    k0 = _load(K + offs_n[:, None] * skl + d0[None, :] * skd, n_ok, d0[None, :] < D, not EVEN_N, MASK_D0)
-    v0 = _load(V + offs_n[:, None] * svl + d0[None, :] * svd, n_ok, d0[None, :] < D, not EVEN_N, MASK_D0)
+    d1 = D0 + tl.arange(0, D1)
+    n_ok = offs_n < Lk
+    k0, k1 = _load_rows(K + b * skb + h * skh, offs_n * skl, n_ok, skd,
+                        D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_N)
+    v0, v1 = _load_rows(V + b * svb + h * svh, offs_n * svl, n_ok, svd,
+                        D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_N)
     dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
-    if HAS_D1:
-        d1 = D0 + tl.arange(0, D1)
-        k1 = _load(K + offs_n[:, None] * skl + d1[None, :] * skd, n_ok, d1[None, :] < D, not EVEN_N, MASK_D1)
-        v1 = _load(V + offs_n[:, None] * svl + d1[None, :] * svd, n_ok, d1[None, :] < D, not EVEN_N, MASK_D1)
-        dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
-        dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+    dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+    dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
 
     for start_m in range(0, Lq, BLOCK_M):
         m = start_m + offs_m
         m_ok_row = m[None, :] < Lq
-        m_ok_col = m[:, None] < Lq
         q0t = _load(Q + m[None, :] * sql + d0[:, None] * sqd, d0[:, None] < D, m_ok_row, MASK_D0, not EVEN_M)
-        do0 = _load(DO + m[:, None] * sdol + d0[None, :] * sdod, m_ok_col, d0[None, :] < D, not EVEN_M, MASK_D0)
+        do0, do1 = _load_rows(DO, m * sdol, m < Lq, sdod, D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_M)
         if EVEN_M:
             lse = tl.load(LSE + m)
             delta = tl.load(DELTA + m)
@@ -303,7 +297,6 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
         dpt = tl.dot(v0, tl.trans(do0), input_precision=PREC)
         if HAS_D1:
             q1t = _load(Q + m[None, :] * sql + d1[:, None] * sqd, d1[:, None] < D, m_ok_row, MASK_D1, not EVEN_M)
-            do1 = _load(DO + m[:, None] * sdol + d1[None, :] * sdod, m_ok_col, d1[None, :] < D, not EVEN_M, MASK_D1)
             st += tl.dot(k1, q1t, input_precision=PREC)
             dpt += tl.dot(v1, tl.trans(do1), input_precision=PREC)
         pt = tl.exp2(st * qk_scale - lse[None, :])          # (BLOCK_N, BLOCK_M)
@@ -315,15 +308,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
             dv1 += tl.dot(pt, do1, input_precision=PREC)
             dk1 += tl.dot(dst, tl.trans(q1t), input_precision=PREC)
 
-    _store(DK + offs_n[:, None] * sdkl + d0[None, :] * sdkd, (dk0 * sm_scale).to(DK.dtype.element_ty),
-           n_ok, d0[None, :] < D, not EVEN_N, MASK_D0)
-    _store(DV + offs_n[:, None] * sdvl + d0[None, :] * sdvd, dv0.to(DV.dtype.element_ty),
-           n_ok, d0[None, :] < D, not EVEN_N, MASK_D0)
-    if HAS_D1:
-        _store(DK + offs_n[:, None] * sdkl + d1[None, :] * sdkd, (dk1 * sm_scale).to(DK.dtype.element_ty),
-               n_ok, d1[None, :] < D, not EVEN_N, MASK_D1)
-        _store(DV + offs_n[:, None] * sdvl + d1[None, :] * sdvd, dv1.to(DV.dtype.element_ty),
-               n_ok, d1[None, :] < D, not EVEN_N, MASK_D1)
+    _store_rows(DK + b * sdkb + h * sdkh, offs_n * sdkl, n_ok, sdkd, dk0 * sm_scale, dk1 * sm_scale,
+                D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_N)
+    _store_rows(DV + b * sdvb + h * sdvh, offs_n * sdvl, n_ok, sdvd, dv0, dv1,
+                D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_N)
 
 
 # ----------------------------------------------------------------------------- launchers

@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 
 from .attention import (BWD_CANDIDATES, DTYPES, FWD_CANDIDATES, LOG2E, _attn_bwd_dkdv, _branch_fwd, _bucket,
-                        _dq_loop, _load, _p_dp_tile, _store, bwd_blocks, bwd_config, check_qkv, empty, fwd_config,
-                        head_flags, precision, tuned_config)
+                        _dq_loop, _head_block, _load_rows, _p_dp_tile, _store_rows, bwd_blocks, bwd_config,
+                        check_qkv, empty, fwd_config, head_flags, precision, tuned_config)
 
 
 @triton.jit
@@ -42,42 +42,25 @@ def _dual_fwd(QT, KT, VT, QI, KI, VI, O, LSE,
               D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, MASK_D0: tl.constexpr,
               MASK_D1: tl.constexpr, EVEN_M: tl.constexpr, EVEN_NT: tl.constexpr, EVEN_NI: tl.constexpr,
               SHARED_Q: tl.constexpr, PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    bh = pid // m_blocks
-    mb = pid % m_blocks
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh, mb, b, h = _head_block(tl.program_id(0), m_blocks, H)
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m[:, None] < Lq
-    d0 = tl.arange(0, D0)
-    d1 = D0 + tl.arange(0, D1)
-
-    QT += b * sqtb + h * sqth
-    q0 = _load(QT + offs_m[:, None] * sqtl + d0[None, :] * sqtd, m_ok, d0[None, :] < D, not EVEN_M, MASK_D0)
-    q1 = q0
-    if HAS_D1:
-        q1 = _load(QT + offs_m[:, None] * sqtl + d1[None, :] * sqtd, m_ok, d1[None, :] < D, not EVEN_M, MASK_D1)
+    m_ok = offs_m < Lq
+    q0, q1 = _load_rows(QT + b * sqtb + h * sqth, offs_m * sqtl, m_ok, sqtd,
+                        D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_M)
     t0, t1, m_t, l_t = _branch_fwd(q0, q1, KT + b * sktb + h * skth, VT + b * svtb + h * svth,
                                    sktl, sktd, svtl, svtd, Lt, D, qk_scale, BLOCK_M, BLOCK_NT,
                                    D0, D1, HAS_D1, MASK_D0, MASK_D1, EVEN_NT, PREC)
     if not SHARED_Q:
-        QI += b * sqib + h * sqih
-        q0 = _load(QI + offs_m[:, None] * sqil + d0[None, :] * sqid, m_ok, d0[None, :] < D, not EVEN_M, MASK_D0)
-        if HAS_D1:
-            q1 = _load(QI + offs_m[:, None] * sqil + d1[None, :] * sqid, m_ok, d1[None, :] < D, not EVEN_M, MASK_D1)
+        q0, q1 = _load_rows(QI + b * sqib + h * sqih, offs_m * sqil, m_ok, sqid,
+                            D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_M)
     i0, i1, m_im, l_im = _branch_fwd(q0, q1, KI + b * skib + h * skih, VI + b * svib + h * svih,
                                      skil, skid, svil, svid, Li, D, qk_scale, BLOCK_M, BLOCK_NI,
                                      D0, D1, HAS_D1, MASK_D0, MASK_D1, EVEN_NI, PREC)
     inv_t = 1.0 / l_t
     inv_i = 1.0 / l_im
-    O += b * sob + h * soh
-    _store(O + offs_m[:, None] * sol + d0[None, :] * sod,
-           (t0 * inv_t[:, None] + i0 * inv_i[:, None]).to(O.dtype.element_ty), m_ok, d0[None, :] < D,
-           not EVEN_M, MASK_D0)
-    if HAS_D1:
-        _store(O + offs_m[:, None] * sol + d1[None, :] * sod,
-               (t1 * inv_t[:, None] + i1 * inv_i[:, None]).to(O.dtype.element_ty), m_ok, d1[None, :] < D,
-               not EVEN_M, MASK_D1)
+    _store_rows(O + b * sob + h * soh, offs_m * sol, m_ok, sod,
+                t0 * inv_t[:, None] + i0 * inv_i[:, None], t1 * inv_t[:, None] + i1 * inv_i[:, None],
+                D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_M)
     row = bh.to(tl.int64) * Lq + offs_m
     if EVEN_M:
         tl.store(LSE + row, m_t + tl.log2(l_t))
@@ -117,15 +100,9 @@ def _dual_bwd_dq(QT, KT, VT, QI, KI, VI, DO, DQT, DQI, LSE, DELTA,
                  MASK_D1: tl.constexpr, EVEN_M: tl.constexpr, EVEN_NT: tl.constexpr, EVEN_NI: tl.constexpr,
                  SHARED_Q: tl.constexpr, SUM_DQ: tl.constexpr, PREC: tl.constexpr):
     """dQ of both branches (summed into DQT when SUM_DQ) and both deltas. DQT, DQI share strides sg*."""
-    pid = tl.program_id(0)
-    bh = pid // m_blocks
-    mb = pid % m_blocks
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh, mb, b, h = _head_block(tl.program_id(0), m_blocks, H)
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m[:, None] < Lq
-    d0 = tl.arange(0, D0)
-    d1 = D0 + tl.arange(0, D1)
+    m_ok = offs_m < Lq
     row = bh.to(tl.int64) * Lq + offs_m
     if EVEN_M:
         lse_t = tl.load(LSE + row)
@@ -134,23 +111,16 @@ def _dual_bwd_dq(QT, KT, VT, QI, KI, VI, DO, DQT, DQI, LSE, DELTA,
         lse_t = tl.load(LSE + row, mask=offs_m < Lq, other=0.0)
         lse_i = tl.load(LSE + lse_branch_stride + row, mask=offs_m < Lq, other=0.0)
 
-    DO += b * sdob + h * sdoh
-    do0 = _load(DO + offs_m[:, None] * sdol + d0[None, :] * sdod, m_ok, d0[None, :] < D, not EVEN_M, MASK_D0)
-    do1 = do0
-    QT += b * sqtb + h * sqth
-    q0 = _load(QT + offs_m[:, None] * sqtl + d0[None, :] * sqtd, m_ok, d0[None, :] < D, not EVEN_M, MASK_D0)
-    q1 = q0
-    if HAS_D1:
-        do1 = _load(DO + offs_m[:, None] * sdol + d1[None, :] * sdod, m_ok, d1[None, :] < D, not EVEN_M, MASK_D1)
-        q1 = _load(QT + offs_m[:, None] * sqtl + d1[None, :] * sqtd, m_ok, d1[None, :] < D, not EVEN_M, MASK_D1)
+    do0, do1 = _load_rows(DO + b * sdob + h * sdoh, offs_m * sdol, m_ok, sdod,
+                          D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_M)
+    q0, q1 = _load_rows(QT + b * sqtb + h * sqth, offs_m * sqtl, m_ok, sqtd,
+                        D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_M)
     t0, t1, delta_t = _branch_dq(q0, q1, do0, do1, KT + b * sktb + h * skth, VT + b * svtb + h * svth,
                                  sktl, sktd, svtl, svtd, Lt, D, qk_scale, lse_t, BLOCK_M, BLOCK_NT,
                                  D0, D1, HAS_D1, MASK_D0, MASK_D1, EVEN_NT, PREC)
     if not SHARED_Q:
-        QI += b * sqib + h * sqih
-        q0 = _load(QI + offs_m[:, None] * sqil + d0[None, :] * sqid, m_ok, d0[None, :] < D, not EVEN_M, MASK_D0)
-        if HAS_D1:
-            q1 = _load(QI + offs_m[:, None] * sqil + d1[None, :] * sqid, m_ok, d1[None, :] < D, not EVEN_M, MASK_D1)
+        q0, q1 = _load_rows(QI + b * sqib + h * sqih, offs_m * sqil, m_ok, sqid,
+                            D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_M)
     i0, i1, delta_i = _branch_dq(q0, q1, do0, do1, KI + b * skib + h * skih, VI + b * svib + h * svih,
                                  skil, skid, svil, svid, Li, D, qk_scale, lse_i, BLOCK_M, BLOCK_NI,
                                  D0, D1, HAS_D1, MASK_D0, MASK_D1, EVEN_NI, PREC)
@@ -161,23 +131,15 @@ def _dual_bwd_dq(QT, KT, VT, QI, KI, VI, DO, DQT, DQI, LSE, DELTA,
         tl.store(DELTA + row, delta_t, mask=offs_m < Lq)
         tl.store(DELTA + lse_branch_stride + row, delta_i, mask=offs_m < Lq)
 
-    g = b * sgb + h * sgh + offs_m[:, None] * sgl
+    g = b * sgb + h * sgh
     if SUM_DQ:
-        _store(DQT + g + d0[None, :] * sgd, ((t0 + i0) * sm_scale).to(DQT.dtype.element_ty),
-               m_ok, d0[None, :] < D, not EVEN_M, MASK_D0)
-        if HAS_D1:
-            _store(DQT + g + d1[None, :] * sgd, ((t1 + i1) * sm_scale).to(DQT.dtype.element_ty),
-                   m_ok, d1[None, :] < D, not EVEN_M, MASK_D1)
+        _store_rows(DQT + g, offs_m * sgl, m_ok, sgd, (t0 + i0) * sm_scale, (t1 + i1) * sm_scale,
+                    D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_M)
     else:
-        _store(DQT + g + d0[None, :] * sgd, (t0 * sm_scale).to(DQT.dtype.element_ty),
-               m_ok, d0[None, :] < D, not EVEN_M, MASK_D0)
-        _store(DQI + g + d0[None, :] * sgd, (i0 * sm_scale).to(DQI.dtype.element_ty),
-               m_ok, d0[None, :] < D, not EVEN_M, MASK_D0)
-        if HAS_D1:
-            _store(DQT + g + d1[None, :] * sgd, (t1 * sm_scale).to(DQT.dtype.element_ty),
-                   m_ok, d1[None, :] < D, not EVEN_M, MASK_D1)
-            _store(DQI + g + d1[None, :] * sgd, (i1 * sm_scale).to(DQI.dtype.element_ty),
-                   m_ok, d1[None, :] < D, not EVEN_M, MASK_D1)
+        _store_rows(DQT + g, offs_m * sgl, m_ok, sgd, t0 * sm_scale, t1 * sm_scale,
+                    D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_M)
+        _store_rows(DQI + g, offs_m * sgl, m_ok, sgd, i0 * sm_scale, i1 * sm_scale,
+                    D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_M)
 
 
 # ----------------------------------------------------------------------------- launchers

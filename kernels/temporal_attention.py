@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import (DTYPES, LOG2E, MAX_HEAD_DIM, _load, _store, check_device, empty, head_flags,
+from .attention import (DTYPES, LOG2E, MAX_HEAD_DIM, _load, _load_rows, _store, check_device, empty, head_flags,
                         precision)
 
 MAX_FRAMES = 64
@@ -85,10 +85,7 @@ def _temporal_fwd(Q, K, V, O,
     ooff, _ = _row_offsets(pid, F, NSEQ, H, S, sob, sos, sof, soh, ROWS, FP)
     d0 = tl.arange(0, D0)
     d1 = D0 + tl.arange(0, D1)
-    q0 = _load(Q + qoff[:, None] + d0[None, :] * sqd, ok[:, None], d0[None, :] < D, ROW_MASK, MASK_D0)
-    q1 = q0
-    if HAS_D1:
-        q1 = _load(Q + qoff[:, None] + d1[None, :] * sqd, ok[:, None], d1[None, :] < D, ROW_MASK, MASK_D1)
+    q0, q1 = _load_rows(Q, qoff, ok, sqd, D, D0, D1, HAS_D1, MASK_D0, MASK_D1, ROW_MASK)
     s, k0t, k1t = _scores(q0, q1, K, koff, ok, d0, d1, D, F, skd, qk_scale,
                           HAS_D1, MASK_D0, MASK_D1, ROW_MASK, ROWS, FP, PREC)
     m = tl.max(s, 1)
@@ -127,7 +124,7 @@ def _temporal_bwd(Q, K, V, DO, DQ, DK, DV,
     do0 = _load(DO + dooff[:, None] + d0[None, :] * sdod, ok[:, None], d0[None, :] < D, ROW_MASK, MASK_D0)
     v0t = _load(V + voff[None, :] + d0[:, None] * svd, d0[:, None] < D, ok[None, :], MASK_D0, ROW_MASK)
     q1 = q0
-    if HAS_D1:
+    if HAS_D1:   # (loaded after the first pieces: this order keeps sm_90 register use lowest)
         q1 = _load(Q + qoff[:, None] + d1[None, :] * sqd, ok[:, None], d1[None, :] < D, ROW_MASK, MASK_D1)
         do1 = _load(DO + dooff[:, None] + d1[None, :] * sdod, ok[:, None], d1[None, :] < D, ROW_MASK, MASK_D1)
         v1t = _load(V + voff[None, :] + d1[:, None] * svd, d1[:, None] < D, ok[None, :], MASK_D1, ROW_MASK)

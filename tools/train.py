@@ -248,7 +248,7 @@ def train(cfg: Config, d: Dist) -> Path:
     t, m = cfg.train, cfg.model
     per_rank = check_batch(cfg, d.world)
     resume = ckpt.find_resume(t.resume) if t.resume else None
-    make_dataset(cfg, "train")                                   # check the data before building anything
+    dataset = make_dataset(cfg, "train")                         # check the data before building anything
     if t.stage != "vae" and resume is None:
         resolve_encoder_files(cfg, log=lambda *a: log(d, *a))    # CLIP / MedSAM files (tokenizer) by stage
     torch.manual_seed(t.seed)                                    # same init on every rank
@@ -259,10 +259,10 @@ def train(cfg: Config, d: Dist) -> Path:
                          "folder beside it) holds vocab.json + merges.txt, e.g. an SD1.5 diffusers folder")
     init_model(model, cfg, log=lambda *a: log(d, *a))            # --init / --vae weights, then freezing
     model.to(d.device)
-    key = None
     if t.stage != "vae":                                         # latents + prior tokens once, not every step
         key = ensure_cache(model, cfg, d, log=lambda *a: log(d, *a))
-    dataset = make_dataset(cfg, "train", cache=key)
+        if key is not None:
+            dataset = make_dataset(cfg, "train", cache=key)
     trainable = model.trainable_parameters()
     if not trainable:
         raise TrainError(f"stage {t.stage}: nothing to train (no parameter requires grad)")
