@@ -481,7 +481,10 @@ def prepare_data(cfg: Config, d, phantoms: dict, log=print) -> None:
     import os
     data = Path(cfg.train.data)
     key = os.path.normpath(cfg.train.data)
-    if key not in phantoms or (data / "train.h5").exists() or (data / "test.h5").exists():
+    # rank 0 decides for all: another rank looking later could see the files rank 0 just built and skip
+    # the barrier below, pairing its next collective with the wrong one
+    todo = d.broadcast(key in phantoms and not (data / "train.h5").exists() and not (data / "test.h5").exists())
+    if not todo:
         return
     spec = phantoms[key]
     if d.main:
@@ -555,7 +558,9 @@ def ensure_cache(model: "LatentDiffusion", cfg: Config, d, log=print, batch_fram
     path = find_split(cfg.train.data, "train")
     key = cache_key(model)
     ds = ClipDataset(path, size=cfg.model.image_size, conditions=(), with_flow=False)
-    why = cache_status(path, key, ds.num_clips, ds.frames)
+    # rank 0's view decides for all: another rank looking later could find the file rank 0 just wrote
+    # and skip the broadcast below, pairing its next collective with the wrong one
+    why = d.broadcast(cache_status(path, key, ds.num_clips, ds.frames) if d.main else None)
     if not why:
         log(f"encoder cache: {cache_path(path, key)}")
         return key

@@ -206,6 +206,54 @@ def test_ddp_two_processes_match_one(chain, data, tmp_path):
     assert a.model[out_conv].abs().max() > 1e-4
 
 
+class _Rank:
+    """One rank's side of Dist for a single process: rank 0 records what it broadcasts, another rank
+    replays rank 0's values, so two sequential calls act as two ranks with a file system in between."""
+    enabled = True
+
+    def __init__(self, rank, sent=None):
+        self.rank, self.main, self.calls = rank, rank == 0, []
+        self.sent = [] if sent is None else list(sent)
+
+    def broadcast(self, obj):
+        self.calls.append("broadcast")
+        if self.main:
+            self.sent.append(obj)
+            return obj
+        return self.sent.pop(0)
+
+    def barrier(self):
+        self.calls.append("barrier")
+
+
+def test_ranks_make_the_same_collectives_whatever_they_find_on_disk(chain, data, tmp_path):
+    """Rank 1 may look only after rank 0 has built the phantom or written the encoder cache; it must
+    still join the same collectives, or its next one pairs with the wrong partner (a CI failure once:
+    make_run_dir received rank 0's cache flag as the run name)."""
+    import dataclasses
+    from heartbeat.trainer import ensure_cache, prepare_data
+    echo = tmp_path / "echo"
+    shutil.copytree(data / "echo", echo, ignore=shutil.ignore_patterns("*.cache-*"))
+    model = _pretrained(chain / "001-pretrain-tiny")
+    cfg = ckpt.read_weights(ckpt.find_weights(chain / "001-pretrain-tiny")).config
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, data=str(echo)))
+    r0 = _Rank(0)
+    key = ensure_cache(model, cfg, r0, log=lambda *a: None)
+    assert key and len(list(echo.glob("train.cache-*.h5"))) == 1        # rank 0 wrote it
+    r1 = _Rank(1, r0.sent)
+    assert ensure_cache(model, cfg, r1, log=lambda *a: None) == key    # rank 1 finds it already there
+    assert r1.calls == r0.calls and not r1.sent
+
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, data=str(tmp_path / "ph")))
+    phantoms = {str(tmp_path / "ph"): {"clips": 2, "cmr": False}}
+    r0 = _Rank(0)
+    prepare_data(cfg, r0, phantoms, log=lambda *a: None)
+    assert (tmp_path / "ph" / "train.h5").exists()
+    r1 = _Rank(1, r0.sent)
+    prepare_data(cfg, r1, phantoms, log=lambda *a: None)
+    assert r1.calls == r0.calls and not r1.sent
+
+
 # ------------------------------------------------------------------------------ encoder cache
 
 def _pretrained(run_dir):

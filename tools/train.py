@@ -437,7 +437,8 @@ def run(argv: list[str]) -> int:
             return _train_segmenter(cfg, d)
         prepare_data(cfg, d, PHANTOM, log=lambda *a: log(d, *a))
         if stage == "pretrain" and not cfg.train.vae and not cfg.train.resume and not cfg.train.init:
-            vae_run = find_run(cfg.train.out, "vae", cfg.model.preset)
+            # rank 0 decides for all, as with every look at the disk that leads to a collective
+            vae_run = d.broadcast(find_run(cfg.train.out, "vae", cfg.model.preset) if d.main else None)
             if vae_run is None:
                 if cfg.model.preset == "sd15":
                     raise TrainError("no VAE: pass --vae=PATH (SD1.5's VAE or a `train.sh vae` run) for preset sd15")
