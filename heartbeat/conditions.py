@@ -151,7 +151,7 @@ class Conditioner(nn.Module):
         device = self._device()
         keep = self._resolve_keep(batch, keep, B, device)
         return dict(text=self._text(batch, keep["text"], B, device),
-                    image=self._image(batch, keep["image"], B, device),
+                    image=self._image(batch, keep, B, device),
                     local=self._local_features(batch, keep, B, device))
 
     def _device(self):
@@ -166,12 +166,24 @@ class Conditioner(nn.Module):
         raise ValueError("Conditioner: the batch holds no condition; pass at least one of "
                          "text, prior, prior_tokens, sketch, mask, mv, flow, or pass batch_size=B")
 
+    def _used(self, batch, name) -> bool:
+        """Condition `name` is one of cfg.conditions and the batch holds it."""
+        if name not in self.cfg.conditions:
+            return False
+        if name == "image":
+            return batch.get("prior") is not None or batch.get("prior_tokens") is not None
+        return batch.get(name) is not None
+
+    def _runs(self, batch, keep, name) -> bool:
+        """Whether condition `name`'s encoder runs: when a sample keeps it, and in training whenever the
+        batch holds it (dropped samples then get zeros, the same values as skipping it), so the set of
+        parameters in the graph never depends on the dropout draw: DDP needs no find_unused_parameters."""
+        return bool(keep[name].any()) or (self.training and self._used(batch, name))
+
     def _resolve_keep(self, batch, keep, B, device):
         out = {}
         for name in ("text", "image") + LOCAL_CONDITIONS:
-            given = batch.get("prior" if name == "image" else name) is not None or (
-                name == "image" and batch.get("prior_tokens") is not None)
-            if not given or name not in self.cfg.conditions:
+            if not self._used(batch, name):
                 k = torch.zeros(B, dtype=torch.bool, device=device)
             elif keep is None:
                 k = torch.ones(B, dtype=torch.bool, device=device)
@@ -195,7 +207,7 @@ class Conditioner(nn.Module):
         return self.text_encoder(ids)  # (B, text_tokens, context_dim); "" = absent
 
     def _image(self, batch, keep, B, device):
-        if not bool(keep.any()):
+        if not self._runs(batch, keep, "image"):
             return None
         tokens = batch.get("prior_tokens")
         if tokens is None:
@@ -211,10 +223,10 @@ class Conditioner(nn.Module):
             raise ValueError(f"prior_tokens must have shape ({B}, {self.cfg.prior_tokens}, {self.cfg.prior_dim}); "
                              f"got {tuple(tokens.shape)}")
         ctx = self.adapter(tokens.to(device).float())  # (B, text_tokens, context_dim)
-        return torch.where(keep[:, None, None], ctx, torch.zeros_like(ctx))  # zero tokens = absent
+        return torch.where(keep["image"][:, None, None], ctx, torch.zeros_like(ctx))  # zero tokens = absent
 
     def _local_features(self, batch, keep, B, device):
-        names = [n for n in LOCAL_CONDITIONS if bool(keep[n].any())]
+        names = [n for n in LOCAL_CONDITIONS if self._runs(batch, keep, n)]
         if not names:
             return None
         inputs = {n: self._local_input(n, batch[n], B) for n in names}

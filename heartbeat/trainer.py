@@ -136,7 +136,6 @@ def _per_sample_generators(seeds, device) -> list:
 class TrainModel(nn.Module):
     """Base of the per-stage models: freezing, trainable parameters, state loading."""
 
-    may_skip_parameters = False     # DDP find_unused_parameters (condition dropout can skip encoders)
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
@@ -218,8 +217,6 @@ class LatentDiffusion(TrainModel):
     are used. The text encoder and image prior live inside the conditioner (state-dict names
     `conditioner.text_encoder.*`, `conditioner.image_prior.*`, the latter sharing the VAE encoder)."""
 
-    may_skip_parameters = True
-
     def __init__(self, cfg: Config):
         super().__init__()
         from .conditions import Conditioner
@@ -258,7 +255,9 @@ class LatentDiffusion(TrainModel):
 
     def freeze_for_stage(self, stage: str) -> None:
         """pretrain: UNet + condition encoders (+ text encoder if text_trainable); finetune: temporal
-        layers + flow encoder; cmr: the whole UNet + mask (and flow) encoders. VAE, prior: frozen."""
+        layers + flow encoder; cmr: the whole UNet + mask (and flow) encoders. VAE, prior: frozen.
+        Encoders of conditions outside cfg.conditions (and the UNet's image branch without `image`) too."""
+        from .unet import UNet
         if stage == "pretrain":
             params = list(self.unet.parameters())
         elif stage == "finetune":
@@ -268,9 +267,15 @@ class LatentDiffusion(TrainModel):
         else:
             raise ValueError(f"LatentDiffusion has no stage {stage!r}")
         params += self.conditioner.trainable_parameters(stage)
-        used_local = set(self.cfg.model.conditions)
-        unused = {id(p) for n in self.conditioner.local if n not in used_local
-                  for p in self.conditioner.local[n].parameters()}
+        # what no step of this stage uses stays frozen, so every trainable weight is in every step's graph
+        # (the conditioner runs its conditions in training even when all are dropped): DDP needs no
+        # find_unused_parameters, and no optimizer state is kept for weights that never learn
+        used = set(self.cfg.model.conditions)
+        unused = [p for n in self.conditioner.local if n not in used for p in self.conditioner.local[n].parameters()]
+        if "image" not in used:
+            unused += list(self.conditioner.adapter.parameters())
+            unused += [p for n, p in self.unet.named_parameters() if UNet.is_image_branch_name(n)]
+        unused = {id(p) for p in unused}
         self.set_trainable([p for p in params if id(p) not in unused])
 
     def condition_batch(self, batch: dict) -> dict:

@@ -210,9 +210,13 @@ class UNet(nn.Module):
         return ".attn_temporal." in name or ".norm_temporal." in name
 
     @staticmethod
+    def is_image_branch_name(name: str) -> bool:
+        return re.search(r"\.attn2\.to_[qkv]_img\.", name) is not None
+
+    @staticmethod
     def is_new_parameter(name: str) -> bool:
         """Parameters SD1.5 does not have (conv_in's extra channels are part of an SD tensor)."""
-        return UNet.is_temporal_name(name) or re.search(r"\.attn2\.to_[qkv]_img\.", name) is not None
+        return UNet.is_temporal_name(name) or UNet.is_image_branch_name(name)
 
     def parameter_breakdown(self) -> dict:
         """Parameter counts: sd (what SD1.5's layout holds, conv_in at latent_channels inputs),

@@ -206,6 +206,47 @@ def test_ddp_two_processes_match_one(chain, data, tmp_path):
     assert a.model[out_conv].abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("name,conditions", [("001-pretrain-tiny", None), ("001-pretrain-tiny", "text,sketch,mask,mv"),
+                                             ("002-finetune-tiny", None), ("003-cmr-tiny", None)])
+def test_every_trainable_weight_is_in_every_steps_graph(chain, name, conditions):
+    """DDP runs without find_unused_parameters, so a trainable weight missing from one step's graph
+    (a condition dropped for the whole batch, the image branch of a model without `image`) would fail
+    that step. Here every condition is dropped for every sample, or none is; dropping must also give
+    the UNet exactly what skipping the condition gives."""
+    import dataclasses
+    from heartbeat.trainer import SeededItems, build_model, collate, make_dataset
+    cfg = ckpt.read_weights(ckpt.find_weights(chain / name)).config
+    if conditions:
+        cfg.model.conditions = tuple(conditions.split(","))
+    for drop_all in (1.0, 0.0):
+        c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, drop_all_prob=drop_all, drop_prob=0.0))
+        torch.manual_seed(0)
+        model = build_model(c).train()
+        items = SeededItems(make_dataset(c, "train"))
+        batch = collate([items[(i, i)] for i in range(2)])
+        loss, _ = model.loss(batch)
+        loss.backward()
+        trainable = model.trainable_parameters()
+        missing = [n for n, p in trainable if p.grad is None]
+        assert not missing, missing
+        names = {n.split(".")[2] for n, _ in trainable if n.startswith("conditioner.local.")}
+        assert names == set(c.model.conditions) & {"sketch", "mask", "mv", "flow"} - (
+            {"sketch", "mask", "mv"} if c.train.stage == "finetune" else set())
+        assert any(n.startswith("conditioner.adapter.") for n, _ in trainable) == (
+            "image" in c.model.conditions and c.train.stage == "pretrain")
+    # all dropped: the conditioner's zeros give the UNet what skipping the conditions gives
+    z = torch.randn(2, *(([c.model.frames] if c.model.temporal else []) + [4, 8, 8]))
+    t = torch.tensor([10, 500])
+    cond = model.condition_batch(batch)
+    none = {k: torch.zeros(2, dtype=torch.bool) for k in ("text", "image", "sketch", "mask", "mv", "flow")}
+    with torch.no_grad():
+        dropped = model.conditioner(cond, none, batch_size=2)
+        assert dropped["local"] is not None or not set(c.model.conditions) - {"text", "image"}
+        skipped = model.conditioner.eval()(cond, none, batch_size=2)
+        assert skipped["image"] is None and skipped["local"] is None
+        torch.testing.assert_close(model.unet(z, t, **dropped), model.unet(z, t, **skipped), rtol=0, atol=1e-6)
+
+
 class _Rank:
     """One rank's side of Dist for a single process: rank 0 records what it broadcasts, another rank
     replays rank 0's values, so two sequential calls act as two ranks with a file system in between."""

@@ -299,7 +299,7 @@ def train(cfg: Config, d: Dist) -> Path:
     if d.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
             loss_module, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-            find_unused_parameters=model.may_skip_parameters)
+            find_unused_parameters=False)    # every trainable weight is in every step's graph (freeze_for_stage)
     sampler = EpochSampler(len(dataset), per_rank, d.world, d.rank, t.grad_accum, t.seed, start_step=step)
     batches = iter(make_loader(dataset, sampler, t.num_workers, t.seed))
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda"
