@@ -136,7 +136,6 @@ def _per_sample_generators(seeds, device) -> list:
 class TrainModel(nn.Module):
     """Base of the per-stage models: freezing, trainable parameters, state loading."""
 
-
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
