@@ -24,6 +24,9 @@ training and sampling alike:
     image  zero context tokens for that sample (the image branch then adds exactly zero, since its
            projections have no bias); None when no sample of the batch has an image
     local  that encoder's output zeroed for that sample; local=None when no sample has any
+In training mode the encoders of conditions the batch holds run even when every sample drops them
+(zeros: the same UNet input as None), so every trainable weight is in every step's graph and DDP
+needs no find_unused_parameters; in eval mode a condition no sample keeps is skipped.
 """
 from __future__ import annotations
 
