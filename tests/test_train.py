@@ -87,18 +87,22 @@ def test_finetune_freezes_spatial_weights_bit_identical(chain):
                if k.endswith("to_out.0.weight") or k.endswith("proj_out.weight"))
 
 
+def _resume_last_half(full, half, stage, step):
+    """Copy run `full` to `half` without its step-`step` checkpoint, resume it there; both checkpoints."""
+    shutil.copytree(full, half)
+    name = f"ckpt-{step:07d}.safetensors"
+    for f in (name, f"state-{step:07d}.pt"):
+        (half / f).unlink()
+    run(f"--stage={stage}", f"--resume={half}")
+    return ckpt.read_weights(full / name), ckpt.read_weights(half / name)
+
+
 def test_resume_is_exact(data, tmp_path):
     args = TINY + [f"--data={data / 'echo'}", f"--out={tmp_path}", "--batch_size=4", "--max_steps=10",
                    "--ckpt_every=5", "--keep_ckpts=0", "--stage=vae"]
     run(*args)
-    full = tmp_path / "000-vae-tiny"
-    half = tmp_path / "half"
-    shutil.copytree(full, half)
-    for f in ("ckpt-0000010.safetensors", "state-0000010.pt"):
-        (half / f).unlink()
-    run("--stage=vae", f"--resume={half}")
-    a = ckpt.read_weights(full / "ckpt-0000010.safetensors")
-    b = ckpt.read_weights(half / "ckpt-0000010.safetensors")
+    full, half = tmp_path / "000-vae-tiny", tmp_path / "half"
+    a, b = _resume_last_half(full, half, "vae", 10)
     for k in a.model:
         assert torch.equal(a.model[k], b.model[k]), k
     for k in a.ema:
@@ -109,14 +113,7 @@ def test_resume_is_exact(data, tmp_path):
 
 def test_resume_is_exact_for_the_diffusion_model(chain, data, tmp_path):
     """pretrain: 3 steps saved, resumed to 6 == the chain's uninterrupted 6 steps."""
-    full = chain / "001-pretrain-tiny"
-    half = tmp_path / "half"
-    shutil.copytree(full, half)
-    for f in ("ckpt-0000006.safetensors", "state-0000006.pt"):
-        (half / f).unlink()
-    run("--stage=pretrain", f"--resume={half}")
-    a = ckpt.read_weights(full / "ckpt-0000006.safetensors")
-    b = ckpt.read_weights(half / "ckpt-0000006.safetensors")
+    a, b = _resume_last_half(chain / "001-pretrain-tiny", tmp_path / "half", "pretrain", 6)
     bad = [k for k in a.model if not torch.equal(a.model[k], b.model[k])]
     bad += [k for k in a.ema if not torch.equal(a.ema[k], b.ema[k])]
     assert not bad, bad[:5]
@@ -180,6 +177,21 @@ def test_non_finite_steps_are_skipped_then_stop(data, tmp_path, capsys):
     assert "2 consecutive steps had a non-finite" in err.err
 
 
+def _torchrun2(args):
+    """tools/train.py under torchrun with 2 gloo processes (one thread each); must succeed."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tools" / "train.py"), *args]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
+
+
+def _worst(a, b):
+    """Largest |difference| over the model tensors of two checkpoints."""
+    return max((a.model[k] - b.model[k]).abs().max().item() for k in a.model)
+
+
 def _ddp_args(data, out, extra=()):
     return TINY + ["--stage=pretrain", f"--data={data / 'echo'}", f"--out={out}", "--batch_size=4",
                    "--max_steps=3", "--ckpt_every=3", "--conditions=text,sketch,mask,mv", *extra]
@@ -190,17 +202,13 @@ def test_ddp_two_processes_match_one(chain, data, tmp_path):
     vae = f"--vae={chain / '000-vae-tiny'}"
     fresh = tmp_path / "data"          # without the encoder cache: rank 0 writes it while rank 1 waits
     shutil.copytree(data / "echo", fresh / "echo", ignore=shutil.ignore_patterns("*.cache-*"))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tools" / "train.py")] + _ddp_args(fresh, tmp_path / "ddp", [vae])
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    r = _torchrun2(_ddp_args(fresh, tmp_path / "ddp", [vae]))
     assert "writing the encoder cache" in r.stdout and len(list((fresh / "echo").glob("train.cache-*.h5"))) == 1
     run(*_ddp_args(fresh, tmp_path / "one", [vae]))
     a = ckpt.read_weights(ckpt.find_weights(tmp_path / "ddp" / "000-pretrain-tiny"))
     b = ckpt.read_weights(ckpt.find_weights(tmp_path / "one" / "000-pretrain-tiny"))
     assert a.meta["step"] == "3"
-    worst = max((a.model[k] - b.model[k]).abs().max().item() for k in a.model)
+    worst = _worst(a, b)
     assert worst < 1e-4, worst
     out_conv = "unet.out.2.weight"                 # zero-initialised: it moved, so the test compares updates
     assert a.model[out_conv].abs().max() > 1e-4
@@ -211,15 +219,11 @@ def test_ddp_stage2_one_clip_per_rank_matches_one_process(chain, data, tmp_path)
     without find_unused_parameters, and 2 processes x 1 clip == 1 process x 2 clips."""
     args = TINY + ["--stage=finetune", f"--init={chain / '001-pretrain-tiny'}", f"--data={data / 'echo'}",
                    "--batch_size=2", "--max_steps=3", "--ckpt_every=3", "--drop_all_prob=0.5"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tools" / "train.py")] + args + [f"--out={tmp_path / 'ddp'}"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    _torchrun2(args + [f"--out={tmp_path / 'ddp'}"])
     run(*args, f"--out={tmp_path / 'one'}")
     a = ckpt.read_weights(ckpt.find_weights(tmp_path / "ddp" / "000-finetune-tiny"))
     b = ckpt.read_weights(ckpt.find_weights(tmp_path / "one" / "000-finetune-tiny"))
-    worst = max((a.model[k] - b.model[k]).abs().max().item() for k in a.model)
+    worst = _worst(a, b)
     assert worst < 1e-4, worst
     moved = [k for k in a.ema if k.endswith("attn_temporal.to_out.0.weight")]
     assert moved and all(a.model[k].abs().max() > 1e-5 for k in moved)      # zero-initialised: it trained
@@ -356,7 +360,7 @@ def test_cached_training_matches_uncached(chain, data, tmp_path):
     run(*args, f"--out={tmp_path / 'plain'}", "--cache=false")
     a = ckpt.read_weights(ckpt.find_weights(tmp_path / "cached" / "000-pretrain-tiny"))
     b = ckpt.read_weights(ckpt.find_weights(tmp_path / "plain" / "000-pretrain-tiny"))
-    worst = max((a.model[k] - b.model[k]).abs().max().item() for k in a.model)
+    worst = _worst(a, b)
     assert worst < 1e-4, worst
     assert a.model["unet.out.2.weight"].abs().max() > 1e-4         # it trained
 
