@@ -1,1 +1,2 @@
-"""Converters to the HeartBeat HDF5 schema (DESIGN.md §4): phantom, CAMUS, M&Ms, and condition extractors."""
+"""Converters to the HeartBeat HDF5 schema (docs/ARCHITECTURE.md §Data): phantom, CAMUS, M&Ms, and
+condition extractors."""

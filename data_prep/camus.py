@@ -1,4 +1,4 @@
-"""CAMUS (both releases) -> HDF5 clips (DESIGN.md §4).
+"""CAMUS (both releases) -> HDF5 clips (docs/ARCHITECTURE.md §Data).
 
     python -m data_prep.camus --src DIR --out DIR [--frames 16] [--size 256]
         [--split official|random] [--seed 0] [--workers N] [--skip-bad] [--force]

@@ -1,4 +1,4 @@
-"""Local conditions extracted from a clip, the same for the phantom and real data (DESIGN.md §4).
+"""Local conditions extracted from a clip, the same for the phantom and real data (docs/ARCHITECTURE.md §Data).
 
 All functions are deterministic, offline, and take uint8 frames:
     sketch(frame (H, W) uint8)            -> (H, W) uint8 {0, 255}   Canny edges of a smoothed frame
@@ -86,7 +86,7 @@ def flow(video: np.ndarray) -> np.ndarray:
 
 
 def extract(video: np.ndarray, mask: np.ndarray, with_flow: bool = True) -> dict:
-    """One clip's derived datasets: sketch, mv, mv_points, flow (DESIGN.md §4 shapes).
+    """One clip's derived datasets: sketch, mv, mv_points, flow (docs/ARCHITECTURE.md §Data shapes).
     video, mask: (F, H, W) uint8. Masks without an LV/LA interface give NaN points, empty mv."""
     F, H, W = video.shape
     pts = np.stack([mv_points(m) for m in mask])

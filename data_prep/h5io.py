@@ -1,4 +1,4 @@
-"""The one HDF5 writer every converter uses (DESIGN.md §4 schema).
+"""The one HDF5 writer every converter uses (docs/ARCHITECTURE.md §Data schema).
 
     with ClipWriter("data/phantom/train.h5", frames=16, size=256, labels=ECHO_LABELS,
                     source="phantom", force=False) as w:
@@ -14,8 +14,7 @@ Layout, N clips of F frames of H x W pixels:
     text, view, patient, meta str (N,)               meta is a JSON object per clip
 Root attrs: schema (int), frames, size, labels (JSON {value: name}), source, count.
 
-Departure from DESIGN.md §4 ("one clip per chunk"): per-frame arrays are chunked one FRAME per
-chunk, (1, 1, H, W) and (1, 1, 2, H, W), so that stage 1's random single-frame reads decompress
+Chunks (docs/ARCHITECTURE.md §Data): per-frame arrays are chunked one FRAME per chunk, (1, 1, H, W) and (1, 1, 2, H, W), so that stage 1's random single-frame reads decompress
 one frame, not sixteen; whole-clip reads cost F chunk look-ups, which is cheap.
 Compression: shuffle + deflate level 1 (standard HDF5 filters, readable by every HDF5 tool).
 Flow values are rounded to 1/64 px before storing (error <= 0.008 px, far below any flow

@@ -4,7 +4,8 @@
         [--views 2CH,4CH] [--seed 0] [--cmr] [--workers 0] [--force]
     python -m data_prep.phantom --preview docs/phantom.png     # ED/ES of a 2CH and a 4CH clip
 
-writes OUT/train.h5 and OUT/test.h5 (about 10 % of patients) in the DESIGN.md §4 schema.
+writes OUT/train.h5 and OUT/test.h5 (about 10 % of patients) in the docs/ARCHITECTURE.md §Data
+schema.
 
 Echo model. Anatomy lives in "material" coordinates (normalised image units, the heart at ED).
 A smooth displacement field d_t(X) contracts the ventricles towards their apex (radial shortening

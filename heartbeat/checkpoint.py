@@ -6,9 +6,11 @@ A run folder `runs/NNN-STAGE-PRESET/` holds, per saved step N (zero-padded to 7 
                                parts included, so the file is self-contained) and `ema.<name>` (the EMA
                                of every parameter that trains); metadata: format, stage, preset, step
                                and the resolved config as JSON. This is what tools/sample.py loads.
-    state-000NNNN.pt           resume state: optimizer, scaler, step, data position, every RNG state
+    state-000NNNN.pt           resume state: optimizer, step, data position, every RNG state
                                (torch CPU/CUDA, numpy, python, and each rank's named generators).
                                Tensors and plain containers only: loaded with weights_only=True.
+                               (States written before the GradScaler was dropped also hold a
+                               `scaler` entry, always disabled; it is ignored.)
 
 Both are written atomically (temporary file in the same folder, fsync, os.replace, fsync of the
 folder), weights first, so a kill at any moment leaves the previous pair intact; a resume looks
@@ -16,12 +18,14 @@ for the newest step that has both files. The last `keep` pairs are kept.
 
     w = read_weights(path)                  # Weights(model=..., ema=..., meta=..., config=Config)
     check_compatible(w.meta, stage="finetune", preset="tiny", what="--resume")  # CheckpointError
-    cfg, parts, ema = load_for_sampling("runs/003-pretrain-tiny")
+    save_checkpoint(run_dir, step, model.state_dict(), ema.state_dict(), cfg, resume_state)
+
+Run folders themselves (numbering, the writer's lock) are heartbeat/runs.py's; building a model from
+a checkpoint (load_for_sampling) is heartbeat/models.py's. This module depends on the config alone.
 """
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from dataclasses import dataclass
@@ -33,6 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from .config import Config
+from .utils import atomic_write
 
 FORMAT = "heartbeat-1"
 _CKPT = re.compile(r"^ckpt-(\d+)\.safetensors$")
@@ -40,38 +45,6 @@ _CKPT = re.compile(r"^ckpt-(\d+)\.safetensors$")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used here: missing, corrupt, or from another stage / preset."""
-
-
-# ------------------------------------------------------------------------------- atomic files
-
-def atomic_write(path, write) -> None:
-    """Call write(tmp_path) and move the result onto `path` atomically (same folder, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:                                   # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def atomic_write_text(path, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------------- weights
@@ -237,16 +210,18 @@ def find_resume(path_or_run) -> tuple[Path, Path]:
     raise CheckpointError(f"--resume={p}: no step with both ckpt-N.safetensors and state-N.pt in {run}")
 
 
+def remove_checkpoints(run_dir, steps) -> None:
+    """Delete the weights and resume state of the given steps (weights first: a resume never finds a
+    state without its weights)."""
+    for step in steps:
+        for f in (weights_path(run_dir, step), state_path(run_dir, step)):
+            f.unlink(missing_ok=True)
+
+
 def prune(run_dir, keep: int) -> None:
     """Delete all but the newest `keep` checkpoint pairs (keep <= 0 keeps everything)."""
-    if keep <= 0:
-        return
-    for step, w in list_checkpoints(run_dir)[:-keep]:
-        for f in (w, state_path(run_dir, step)):
-            try:
-                f.unlink()
-            except FileNotFoundError:
-                pass
+    if keep > 0:
+        remove_checkpoints(run_dir, [step for step, _ in list_checkpoints(run_dir)[:-keep]])
 
 
 def save_checkpoint(run_dir, step: int, model_state: dict, ema_state: dict, cfg: Config,
@@ -330,22 +305,3 @@ def restore_rng(state: dict, generators: dict | None = None) -> None:
     for k, g in (generators or {}).items():
         if k in state["generators"]:
             g.set_state(state["generators"][k])
-
-
-# ---------------------------------------------------------------------------------- sampling
-
-def load_for_sampling(path_or_run, use_ema: bool = True, device="cpu"):
-    """(cfg, parts, ema) for tools/sample.py: `parts` is a dict of the built modules
-    (unet, conditioner, vae, text_encoder, image_prior; None where the stage has none) in eval
-    mode on `device`, loaded with the EMA weights when use_ema (else the raw weights); `ema` is the
-    EMA tensor dict as stored."""
-    from .trainer import build_model, load_model_state
-    w = read_weights(find_weights(path_or_run))
-    if w.config is None:
-        raise CheckpointError(f"{w.path} is not a HeartBeat checkpoint (no heartbeat metadata)")
-    cfg = w.config
-    model = build_model(cfg)
-    load_model_state(model, w.ema_model_state() if use_ema else w.model, strict=True, what=str(w.path))
-    model.to(device).eval()
-    parts = {k: getattr(model, k, None) for k in ("unet", "conditioner", "vae", "text_encoder", "image_prior")}
-    return cfg, parts, w.ema

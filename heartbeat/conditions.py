@@ -11,8 +11,8 @@ Each has its own `LocalEncoder` (conv widths cfg.cond_channels, SiLU, stride-2 c
 latent size); the outputs are summed -> (B[, F], local_channels, h, w).
 Encoders exist for all four conditions (checkpoints keep one layout across stages); only those in
 cfg.conditions are ever used. A 5-D sketch is reduced to its first frame here and broadcast over
-time (stage 2 uses one sketch per clip, DESIGN.md §1); any 4-D condition given alongside 5-D ones is
-broadcast over the frames.
+time (stage 2 uses one sketch per clip, docs/ARCHITECTURE.md §What the system does); any 4-D
+condition given alongside 5-D ones is broadcast over the frames.
 
 Global conditions: text (list[str]) through the injected text encoder; the image prior from
 `prior` (B, C, H, W) in [-1, 1] through the injected frozen image prior, or precomputed
@@ -36,7 +36,32 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import LOCAL_CONDITIONS
+from .config import CONDITIONS, LOCAL_CONDITIONS
+
+# The conditions contract, one mapping used by the data, the model and sampling: the batch keys that
+# carry each condition, in the order they are looked for (the image prior arrives as cached encoder
+# tokens or as a frame), and the dataset array each condition is read from (docs/ARCHITECTURE.md).
+INPUT_KEYS = {"text": ("text",), "image": ("prior_tokens", "prior"), "sketch": ("sketch",), "mask": ("mask",),
+              "mv": ("mv",), "flow": ("flow",)}
+DATASET_ARRAY = {"text": "text", "image": "video", "sketch": "sketch", "mask": "mask", "mv": "mv", "flow": "flow"}
+assert tuple(INPUT_KEYS) == tuple(DATASET_ARRAY) == CONDITIONS
+
+
+def condition_inputs(batch: dict, names) -> dict:
+    """The conditioner's inputs in `batch` for the conditions `names`: for each, the first of its
+    INPUT_KEYS the batch holds (not None); conditions the batch lacks are left out (= absent)."""
+    out = {}
+    for name in names:
+        for key in INPUT_KEYS[name]:
+            if batch.get(key) is not None:
+                out[key] = batch[key]
+                break
+    return out
+
+
+def given_conditions(batch: dict) -> tuple:
+    """The condition names a conditioner batch carries, in CONDITIONS order."""
+    return tuple(n for n in CONDITIONS if any(batch.get(k) is not None for k in INPUT_KEYS[n]))
 
 LOCAL_IN = {"sketch": 1, "mv": 1, "flow": 2}  # mask: cfg.mask_classes (one-hot)
 
@@ -102,7 +127,7 @@ class GlobalAdapter(nn.Module):
 
 
 class Conditioner(nn.Module):
-    """Raw conditions -> dict(text=, image=, local=) for UNet.forward (docs/INTERFACES.md).
+    """Raw conditions -> dict(text=, image=, local=) for UNet.forward (docs/ARCHITECTURE.md §Conditions).
 
     Submodules: text_encoder (injected, may be None), image_prior (injected, frozen, may be None),
     adapter (GlobalAdapter), local (ModuleDict name -> LocalEncoder for sketch, mask, mv, flow).
@@ -131,17 +156,20 @@ class Conditioner(nn.Module):
             keep[name] = (k & keep_all & (name in cfg.conditions)).to(device)
         return keep
 
-    def trainable_parameters(self, stage: str = "pretrain") -> list:
-        """pretrain: local encoders but flow, adapter, text encoder when cfg.text_trainable;
-        finetune: the flow encoder only (stage-1 encoders frozen); cmr: the mask encoder only."""
-        if stage == "finetune":
-            mods = [self.local["flow"]]
-        elif stage == "cmr":
-            mods = [self.local["mask"]]
-        else:
-            mods = [self.local[n] for n in LOCAL_CONDITIONS if n != "flow"] + [self.adapter]
-            if self.text_encoder is not None and self.cfg.text_trainable:
-                mods.append(self.text_encoder)
+    def parameters_of(self, parts) -> list:
+        """The parameters of the named parts (a stage's `trains_encoders`): local condition names,
+        "adapter", and "text" (the text encoder, only when cfg.text_trainable)."""
+        mods = []
+        for part in parts:
+            if part in self.local:
+                mods.append(self.local[part])
+            elif part == "adapter":
+                mods.append(self.adapter)
+            elif part == "text":
+                if self.text_encoder is not None and self.cfg.text_trainable:
+                    mods.append(self.text_encoder)
+            else:
+                raise ValueError(f"Conditioner has no part {part!r}")
         return [p for m in mods for p in m.parameters()]
 
     # ------------------------------------------------------------------------ forward
@@ -161,9 +189,10 @@ class Conditioner(nn.Module):
         return next(self.adapter.parameters()).device
 
     def _batch_size(self, batch):
-        for name in ("prior", "prior_tokens", "sketch", "mask", "mv", "flow"):
-            if batch.get(name) is not None:
-                return batch[name].shape[0]
+        for name in CONDITIONS[1:]:              # the tensor conditions (text is a list)
+            for key in INPUT_KEYS[name]:
+                if batch.get(key) is not None:
+                    return batch[key].shape[0]
         if batch.get("text") is not None:
             return len(batch["text"])
         raise ValueError("Conditioner: the batch holds no condition; pass at least one of "
@@ -171,11 +200,7 @@ class Conditioner(nn.Module):
 
     def _used(self, batch, name) -> bool:
         """Condition `name` is one of cfg.conditions and the batch holds it."""
-        if name not in self.cfg.conditions:
-            return False
-        if name == "image":
-            return batch.get("prior") is not None or batch.get("prior_tokens") is not None
-        return batch.get(name) is not None
+        return name in self.cfg.conditions and any(batch.get(k) is not None for k in INPUT_KEYS[name])
 
     def _runs(self, batch, keep, name) -> bool:
         """Whether condition `name`'s encoder runs: when a sample keeps it, and in training whenever the

@@ -6,7 +6,7 @@ overrides (`--key=value`) address fields of either by name (names are unique acr
     cfg = get_config("tiny", ["--lr=3e-4", "--attn_backend=sdpa"])
     print(cfg.to_json())
 
-Presets (DESIGN.md §6):
+Presets (docs/ARCHITECTURE.md §Public API):
     tiny  64x64 frames, small VAE (factor 4) and UNet; CPU tests and the default newcomer run.
     small 128x128; a GPU demo that trains in minutes.
     sd15  256x256, the paper's model: SD1.5's VAE (factor 8) and UNet, CLIP ViT-L/14 text width 768.

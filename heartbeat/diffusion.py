@@ -41,8 +41,8 @@ the two agree for "leading" and for "trailing" when S divides T, and differ for 
 
 Per-sample generators: wherever a `generator` is taken it may be one torch.Generator (noise for the
 whole batch in one draw) or a list of generators, one per batch element, so that sample i's noise
-depends only on generator i (results independent of batch composition, DESIGN.md §3). A
-stochastic sampler draws exactly one noise tensor shaped like x per stochastic step (ddim with
+depends only on generator i (results independent of batch composition, docs/ARCHITECTURE.md
+§Tensors). A stochastic sampler draws exactly one noise tensor shaped like x per stochastic step (ddim with
 eta > 0: every step; ddpm: every step whose posterior variance is non-zero), nothing else.
 """
 from __future__ import annotations
@@ -51,6 +51,8 @@ import math
 from typing import Callable, Sequence
 
 import torch
+
+from .guidance import GuidanceSpec, guided
 
 PREDICTIONS = ("eps", "v", "x0")
 SCHEDULES = ("scaled_linear", "linear", "cosine")
@@ -334,7 +336,6 @@ def sample(model_fn: Callable, x_T: torch.Tensor, steps: int = 50, sampler: str 
     _check_prediction(prediction)
     schedule = schedule if schedule is not None else Schedule.sd15()
     if guidance is not None:
-        from .guidance import GuidanceSpec, guided
         spec = guidance if isinstance(guidance, GuidanceSpec) else GuidanceSpec.parse(str(guidance))
         model_fn = guided(model_fn, spec, rescale=guidance_rescale)
     ts, abars = _resolve_steps(schedule, steps, spacing, steps_offset, timesteps, set_alpha_to_one,

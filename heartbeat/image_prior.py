@@ -1,6 +1,7 @@
 """Image-prior encoders: SAM / MedSAM's ViT-B image encoder, and the offline default (our VAE's encoder).
 
-    prior = build_image_prior(cfg, vae=vae, path=None)   # frozen
+    prior = ImagePrior("vae", tokens, dim, vae=vae)       # frozen; architecture only, no I/O
+    prior = heartbeat.weights.build_image_prior(cfg, vae=vae, path=None)   # what a config names (+ files)
     tokens = prior(x)            # x (B, C, H, W) in [-1, 1], C = 1 or 3 -> (B, cfg.prior_tokens, cfg.prior_dim)
 
 SAM ViT-B (`SAMImageEncoder`, parameter names of segment_anything's `image_encoder.*` without the
@@ -24,7 +25,6 @@ Both are adaptive-average-pooled to a sqrt(prior_tokens) x sqrt(prior_tokens) gr
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn as nn
@@ -221,46 +221,3 @@ class ImagePrior(nn.Module):
         if self.feature == "latent":
             h = self.scale * self.quant_conv(self.encoder.conv_out(h)).chunk(2, dim=1)[0]
         return _pool_tokens(h.float(), self.tokens)
-
-
-def build_image_prior(cfg, vae=None, path: str | None = None) -> ImagePrior:
-    """The frozen prior that `cfg.prior` names.
-
-    vae:    cfg.prior_dim == latent_channels -> scaled latent mean; == vae_channels[-1] -> hidden map.
-            Uses `vae` (an AutoencoderKL; its encoder is frozen in place and shared), else loads
-            `path` with heartbeat.weights.load_vae, else builds a randomly initialised VAE (tests only:
-            a warning says so).
-    medsam: `path` is a SAM / MedSAM ViT-B checkpoint (.pth); cfg.prior_dim must be its 256 channels.
-    """
-    if cfg.prior == "medsam":
-        if not path:
-            raise ValueError("prior=medsam needs a SAM/MedSAM ViT-B checkpoint path (e.g. medsam_vit_b.pth); "
-                             "or use --prior=vae, which needs no download")
-        from .weights import load_image_encoder
-        sam = load_image_encoder(path)
-        out = sam.neck[0].out_channels
-        if cfg.prior_dim != out:
-            raise ValueError(f"prior=medsam: {path} gives {out}-channel features but prior_dim={cfg.prior_dim}; "
-                             f"set --prior_dim={out}")
-        return ImagePrior("medsam", cfg.prior_tokens, out, sam=sam)
-    if cfg.prior != "vae":
-        raise ValueError(f"prior={cfg.prior!r}: choose vae or medsam")
-    if vae is None:
-        if path:
-            from .weights import load_vae
-            vae = load_vae(path, cfg)
-        else:
-            from .vae import AutoencoderKL
-            warnings.warn("build_image_prior: no VAE given; using a randomly initialised VAE encoder "
-                          "(pass the trained VAE for meaningful prior tokens)")
-            vae = AutoencoderKL(cfg)
-    hidden = vae.encoder.conv_out.in_channels
-    if cfg.prior_dim == vae.latent_channels:
-        feature = "latent"
-    elif cfg.prior_dim == hidden:
-        feature = "hidden"
-    else:
-        raise ValueError(f"prior=vae: prior_dim={cfg.prior_dim} matches neither latent_channels="
-                         f"{vae.latent_channels} (latent mean) nor vae_channels[-1]={hidden} (hidden map); "
-                         f"set --prior_dim={hidden} (recommended) or {vae.latent_channels}")
-    return ImagePrior("vae", cfg.prior_tokens, cfg.prior_dim, vae=vae, feature=feature)

@@ -1,4 +1,5 @@
-"""Metrics for generated echo clips: Frechet distance, SSIM, and controllability (DESIGN.md §8).
+"""Metrics for generated echo clips: Frechet distance, SSIM, and controllability
+(docs/ARCHITECTURE.md §Evaluation).
 
 The feature networks live beside this file: heartbeat/fid.py (InceptionV3 pool3, FID) and
 heartbeat/fvd.py (I3D logits, FVD); heartbeat/segmenter.py segments generated frames. The exact

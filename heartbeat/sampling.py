@@ -1,37 +1,42 @@
-"""The pieces of tools/sample.py: where conditions come from, one batched generation, the HDF5
-writer of a synthetic dataset, and previews. No CLI parsing here.
+"""The pieces of tools/sample.py: where conditions come from, one batched guided generation (also
+what the training previews use), the HDF5 writer of a synthetic dataset. No CLI parsing here; the
+GIF/PNG previews of a samples file are heartbeat/preview.py's.
 
     src = DatasetSource(cfg, h5_path, used, frames=F, video=True)   # or FileSource(cfg, used, F, video, conds)
     job = src.job(k, seed + k)                # sample k's conditions (pixel space) + what to record
     z0, video = generate(parts, cfg, [job_0, ..., job_B-1], steps=50, sampler="ddim", eta=0.0,
                          guidance=GuidanceSpec.parse("3.0"), used=("text", "mask"))
+    z0 = sample_latents(parts, cfg, cond_batch, seeds, frames, video, steps=25, guidance=spec, used=used)
     with PartWriter(path, frames=F, size=S, used=used) as w: w.add(job, video_k, meta, "text,mask")
     merge_parts([part_0, part_1], final_path, attrs)   # sample k = part k % W, row k // W
 
-Seeds (DESIGN.md §3, EDM generate.py): sample k draws x_T of shape (F, C, h, w) and any sampler noise
-from its own CPU torch.Generator seeded with seed + k, so a sample depends only on its seed and its
+Seeds (docs/ARCHITECTURE.md §Tensors, EDM generate.py): sample k draws x_T of shape (F, C, h, w) and
+any sampler noise from its own CPU torch.Generator seeded with seed + k, so a sample depends only on its seed and its
 conditions, not on the batch it shares or the rank it runs on. Stage-1 frames are independent: the
 F frames of a sample are F rows of the batch and draw their noise from that sample's generator in
 frame order.
 
 Conditions absent from `used` are simply not put in the conditioner's batch: the Conditioner drops
-them exactly as training's dropout does (docs/INTERFACES.md); guidance passes keep masks for the rest.
+them exactly as training's dropout does (docs/ARCHITECTURE.md §Conditions); guidance passes keep
+masks for the rest.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from pathlib import Path
 
+import cv2
 import h5py
+import imageio.v3 as iio
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import CONDITIONS
+from .config import CONDITIONS, LOCAL_CONDITIONS
+from .data import ClipDataset
 from .diffusion import Schedule, sample
 from .guidance import GuidanceSpec, expand_for_sets, guided, repeat_sets
+from .utils import atomic_write, autocast, to_device
 
 SCHEMA = 1
 COMPRESSION = "lzf"
@@ -49,7 +54,6 @@ def _read_grey(path: Path) -> np.ndarray:
     if path.suffix.lower() == ".npy":
         a = np.load(path, allow_pickle=False)
     else:
-        import imageio.v3 as iio
         try:
             a = iio.imread(path)
         except Exception as e:  # noqa: BLE001 - imageio raises many kinds for unreadable images
@@ -94,7 +98,6 @@ def load_mask_sequence(path, mask_classes: int, size: int) -> np.ndarray:
         raise SampleError(f"--mask={p}: label maps are {H}x{W}; the model makes square {size}x{size} frames "
                           f"(crop or pad them to a square first)")
     if H != size:
-        import cv2
         a = np.stack([cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST) for m in a])
     return a
 
@@ -126,7 +129,6 @@ def load_image(path, size: int, what: str = "prior") -> np.ndarray:
     if a.dtype != np.uint8:
         raise SampleError(f"--{what}={p}: expected an 8-bit image, got {a.dtype}")
     if a.shape != (size, size):
-        import cv2
         interp = cv2.INTER_AREA if a.shape[0] > size else cv2.INTER_LINEAR
         a = cv2.resize(a, (size, size), interpolation=interp)
     return a
@@ -195,11 +197,10 @@ class DatasetSource:
     stage 1 trains with a prior that is another frame of the clip)."""
 
     def __init__(self, cfg, h5_path, used, frames: int | None, video: bool, prior_frame: int = -1):
-        from .data import ClipDataset
         m = cfg.model
         self.used, self.video = tuple(used), video
-        local = tuple(c for c in ("sketch", "mask", "mv") if c in used)
-        self.ds = ClipDataset(h5_path, size=m.image_size, conditions=local, with_flow="flow" in used)
+        local = tuple(c for c in LOCAL_CONDITIONS if c in used)   # the prior is a frame of the clip's video
+        self.ds = ClipDataset(h5_path, size=m.image_size, conditions=local)
         self.path, self.size = str(h5_path), m.image_size
         Fc = self.ds.frames
         self.frames = frames or (Fc if video else 1)
@@ -309,38 +310,35 @@ def collate_jobs(jobs: list[dict], video: bool) -> dict:
     return out
 
 
-def _to_device(batch: dict, device) -> dict:
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
 @torch.no_grad()
-def generate(parts: dict, cfg, jobs: list[dict], *, steps: int, sampler: str, eta: float,
-             guidance: GuidanceSpec, used, device="cpu", spacing: str = "leading", rescale: float = 0.0):
-    """Sample one batch. Returns (z0 float32 (B, F, C, h, w), video uint8 (B, F, H, W))."""
+def sample_latents(parts: dict, cfg, cond: dict, seeds, frames: int, video: bool, *, steps: int, guidance: GuidanceSpec,
+                   used, sampler: str = "ddim", eta: float = 0.0, device="cpu", spacing: str = "leading",
+                   rescale: float = 0.0) -> torch.Tensor:
+    """The one guided sampling path (tools/sample.py and the training previews): z0 float32
+    (B, F, C, h, w) for the B = len(seeds) samples of the conditioner batch `cond` (on `device`; 5-D
+    clips for a video model, else the B*F frames as rows, as collate_jobs makes them). `used`: the
+    conditions guidance conditions on; classifier-free guidance by `guidance` (heartbeat/guidance.py),
+    all its condition sets in one batched UNet call per step."""
     m = cfg.model
-    unet, conditioner, vae = parts["unet"], parts["conditioner"], parts["vae"]
-    B, Fr, video = len(jobs), jobs[0]["frames"], jobs[0]["video"]
+    unet, conditioner = parts["unet"], parts["conditioner"]
+    B, Fr = len(seeds), frames
     C, h = m.latent_channels, m.latent_size
-    gens = [torch.Generator().manual_seed(int(j["record"]["seed"])) for j in jobs]
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     x_T = torch.stack([torch.randn((Fr, C, h, h), generator=g) for g in gens])   # (B, F, C, h, w)
     if not video:
         x_T = x_T.reshape(B * Fr, C, h, h)                        # frames become batch rows
         gens = [g for g in gens for _ in range(Fr)]               # row (b, f) draws from sample b's generator
     x_T = x_T.to(device)
-    batch = _to_device(collate_jobs(jobs, video), device)
     used = frozenset(used)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda"
-                else contextlib.nullcontext())
-
     contexts = {}   # the conditioner's output depends on the condition sets only: once per run, not per step
 
     def model_fn_multi(z, t, cond_sets):
         z2, t2, keep = expand_for_sets(z, t, cond_sets)
         key = tuple(cond_sets)
-        with autocast:
+        with autocast(device):
             if key not in contexts:
-                cond = {k: repeat_sets(v, len(cond_sets)) for k, v in batch.items()}
-                contexts[key] = conditioner(cond, keep, batch_size=z2.shape[0])
+                rep = {k: repeat_sets(v, len(cond_sets)) for k, v in cond.items()}
+                contexts[key] = conditioner(rep, keep, batch_size=z2.shape[0])
             out = unet(z2, t2, **contexts[key])
         return out.float()
 
@@ -353,8 +351,20 @@ def generate(parts: dict, cfg, jobs: list[dict], *, steps: int, sampler: str, et
         model_fn = guided(model_fn_multi, guidance, rescale=rescale, given=used)
     z0 = sample(model_fn, x_T, steps=steps, sampler=sampler, schedule=Schedule.from_config(m),
                 prediction=m.prediction, eta=eta, spacing=spacing, generator=gens)
-    z0 = z0.float().reshape(B, Fr, C, h, h)
-    frames = decode(vae, z0.reshape(B * Fr, C, h, h), m.latent_scale)
+    return z0.float().reshape(B, Fr, C, h, h)
+
+
+@torch.no_grad()
+def generate(parts: dict, cfg, jobs: list[dict], *, steps: int, sampler: str, eta: float,
+             guidance: GuidanceSpec, used, device="cpu", spacing: str = "leading", rescale: float = 0.0):
+    """Sample one batch of jobs. Returns (z0 float32 (B, F, C, h, w), video uint8 (B, F, H, W))."""
+    m = cfg.model
+    B, Fr, video = len(jobs), jobs[0]["frames"], jobs[0]["video"]
+    cond = to_device(collate_jobs(jobs, video), device)
+    z0 = sample_latents(parts, cfg, cond, [j["record"]["seed"] for j in jobs], Fr, video, steps=steps,
+                        guidance=guidance, used=used, sampler=sampler, eta=eta, device=device, spacing=spacing,
+                        rescale=rescale)
+    frames = decode(parts["vae"], z0.reshape(B * Fr, *z0.shape[2:]), m.latent_scale)
     return z0.cpu(), frames.reshape(B, Fr, *frames.shape[-2:]).cpu()
 
 
@@ -362,10 +372,8 @@ def generate(parts: dict, cfg, jobs: list[dict], *, steps: int, sampler: str, et
 def decode(vae, z: torch.Tensor, scale: float, chunk: int = 16) -> torch.Tensor:
     """Diffusion latents (N, C, h, w) -> uint8 grey frames (N, H, W) (colour VAEs: channel mean)."""
     out = []
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if z.device.type == "cuda"
-                else contextlib.nullcontext())
     for i in range(0, z.shape[0], chunk):
-        with autocast:
+        with autocast(z.device):
             x = vae.decode(z[i:i + chunk] / scale).float()
         x = x.mean(1) if x.shape[1] > 1 else x[:, 0]
         out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
@@ -438,12 +446,12 @@ class PartWriter:
 
 def merge_parts(parts: list, out_path, attrs: dict) -> Path:
     """Interleave rank parts into one file in sample order (sample k = part k % W, row k // W),
-    written to a temporary name in the same folder and renamed onto out_path."""
+    written atomically (heartbeat.utils.atomic_write): a kill leaves the previous samples.h5 or none."""
     out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
     W = len(parts)
     srcs = [h5py.File(p, "r") for p in parts]
-    try:
+
+    def write(tmp):
         counts = [int(s["video"].shape[0]) for s in srcs]
         N = sum(counts)
         for k in range(N):   # rank r holds k = r, r + W, ...: counts must be consistent
@@ -462,75 +470,12 @@ def merge_parts(parts: list, out_path, attrs: dict) -> Path:
             out.attrs.update({k: (json.dumps(v) if isinstance(v, (dict, list, tuple)) else v)
                               for k, v in attrs.items()})
             out.attrs["schema"], out.attrs["count"] = SCHEMA, N
-        os.replace(tmp, out_path)
+    try:
+        atomic_write(out_path, write)
     finally:
         for s in srcs:
             s.close()
-        if tmp.exists():
-            tmp.unlink()
     return out_path
-
-
-# ------------------------------------------------------------------------------------ previews
-
-PALETTE = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 90], [70, 120, 240], [240, 200, 40], [200, 80, 220]],
-                   np.uint8)
-
-
-def preview_frames(f: h5py.File, i: int) -> np.ndarray:
-    """Sample i of a samples file as RGB frames (F, H, W', 3): generated | mask overlay | sketch | MV
-    (the panels of the conditions the file holds)."""
-    v = f["video"][i]
-    rgb = np.repeat(v[..., None], 3, -1)
-    panels = [rgb]
-    if "mask" in f:
-        m = np.clip(f["mask"][i], 0, len(PALETTE) - 1)
-        col = PALETTE[m].astype(np.float32)
-        a = np.where(m[..., None] > 0, 0.45, 0.0)
-        panels.append((rgb * (1 - a) + col * a).round().astype(np.uint8))
-    for name in ("sketch", "mv"):
-        if name in f:
-            panels.append(np.repeat(f[name][i][..., None], 3, -1))
-    sep = np.full((*v.shape[:2], 2, 3), 255, np.uint8)
-    out = [panels[0]]
-    for p in panels[1:]:
-        out += [sep, p]
-    return np.concatenate(out, axis=2)
-
-
-def write_previews(h5_path, out_dir, count: int = 4, grid_rows: int = 16, grid_cols: int = 8) -> list:
-    """GIF (MP4 when imageio-ffmpeg is installed) of the first `count` samples with their conditions
-    side by side, and grid.png: one row per sample (at most grid_rows), grid_cols frames spread over
-    the clip. Returns the paths written."""
-    import importlib.util
-
-    import imageio.v2 as imageio
-    out_dir, written = Path(out_dir), []
-    mp4 = importlib.util.find_spec("imageio_ffmpeg") is not None
-    with h5py.File(h5_path, "r") as f:
-        N, Fr = f["video"].shape[:2]
-        for i in range(min(count, N)):
-            frames = preview_frames(f, i)
-            if mp4 and Fr > 1:
-                p = out_dir / f"sample_{i:05d}.mp4"
-                imageio.mimwrite(p, list(frames), fps=8, macro_block_size=1)
-            else:
-                p = out_dir / f"sample_{i:05d}.gif"
-                imageio.mimwrite(p, list(frames), duration=125, loop=0)
-            written.append(p)
-        rows = []
-        cols = np.unique(np.linspace(0, Fr - 1, min(grid_cols, Fr)).round().astype(int))
-        for i in range(min(grid_rows, N)):
-            v = f["video"][i][cols]                                    # (c, H, W)
-            pad = np.full((v.shape[1], 2), 255, np.uint8)
-            rows.append(np.concatenate([x for c in v for x in (c, pad)][:-1], axis=1))
-        if rows:
-            padr = np.full((2, rows[0].shape[1]), 255, np.uint8)
-            img = np.concatenate([x for r in rows for x in (r, padr)][:-1], axis=0)
-            p = out_dir / "grid.png"
-            imageio.imwrite(p, img)
-            written.append(p)
-    return written
 
 
 def conditions_label(used) -> str:

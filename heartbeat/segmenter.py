@@ -65,7 +65,8 @@ def _resize(a: np.ndarray, size: int, nearest: bool) -> np.ndarray:
 
 
 def load_frames(h5_path, size: int, max_frames: int = 4096, seed: int = 0):
-    """The annotated frames of an HDF5 split (DESIGN.md §4) -> frames, masks (M, size, size) uint8.
+    """The annotated frames of an HDF5 split (docs/ARCHITECTURE.md §Data) -> frames, masks
+    (M, size, size) uint8.
     Uses mask_valid when present; at most max_frames frames, a seeded choice over clips."""
     path = Path(h5_path)
     if not path.is_file():

@@ -1,29 +1,28 @@
 """Text encoders: the CLIP ViT-L/14 text transformer with its BPE tokenizer, and a byte-level fallback.
 
-    te = build_text_encoder(cfg, path=None)
+    te = TextEncoder(vocab_size, tokens, width, layers, heads, tokenizer)   # architecture only, no I/O
+    te = heartbeat.weights.build_text_encoder(cfg, path=None)              # what a config names (+ files)
     ids = te.tokenize(["An ECHO with 2-chamber view."])   # LongTensor (B, cfg.text_tokens)
     h = te(ids)                                          # (B, text_tokens, text_width) last hidden state
 
 Two kinds (`ModelConfig.text_encoder`):
     clip  CLIP's text transformer (token + position embeddings, pre-LN blocks with a causal mask,
           quick-GELU MLP, final LayerNorm); ViT-L/14 for sd15 is 768 wide, 12 layers, 12 heads,
-          123,060,480 parameters. Tokenizer: CLIP's byte-level BPE, read from an SD1.5 `tokenizer/`
-          folder (vocab.json + merges.txt) or OpenAI's bpe_simple_vocab_16e6.txt.gz.
+          123,060,480 parameters. Tokenizer: CLIP's byte-level BPE (heartbeat/weights.py reads its
+          files: an SD1.5 `tokenizer/` folder, vocab.json + merges.txt, or bpe_simple_vocab_16e6.txt.gz).
     byte  no files needed: UTF-8 bytes + BOS/EOS/PAD (259 ids) into the same transformer, small
           (cfg.text_width/layers/heads), trained with the model.
 
 Parameter names are Hugging Face's CLIPTextModel names (`text_model.embeddings.token_embedding`,
 `text_model.encoder.layers.N.self_attn.q_proj`, ...), which SD1.5 single-file checkpoints also use
-under `cond_stage_model.transformer.`; heartbeat/weights.py converts OpenAI's names.
+under `cond_stage_model.transformer.`; heartbeat/weights.py converts OpenAI's names. This module
+reads no files.
 
 Text cleaning follows Hugging Face's CLIPTokenizer (NFC, whitespace runs -> one space, lowercase);
 OpenAI's original also runs ftfy and html.unescape, which changes only mis-encoded or HTML-escaped text.
 """
 from __future__ import annotations
 
-import gzip
-import json
-import os
 import unicodedata
 from functools import lru_cache
 
@@ -79,31 +78,6 @@ class BPETokenizer:
         self.bos, self.eos = vocab[BOS], vocab[EOS]
         self.pad = self.eos if pad_id is None else pad_id
         self.cache = {BOS: [BOS], EOS: [EOS]}
-
-    @staticmethod
-    def from_files(path: str, length: int = 77) -> "BPETokenizer":
-        """`path`: a folder with vocab.json + merges.txt (SD1.5 `tokenizer/`), or bpe_simple_vocab_16e6.txt.gz."""
-        if os.path.isdir(path):
-            if os.path.isdir(os.path.join(path, "tokenizer")):
-                path = os.path.join(path, "tokenizer")
-            vf, mf = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
-            if not (os.path.isfile(vf) and os.path.isfile(mf)):
-                raise FileNotFoundError(f"{path}: no vocab.json + merges.txt; give an SD1.5 tokenizer/ folder "
-                                        "or OpenAI's bpe_simple_vocab_16e6.txt.gz")
-            with open(vf, encoding="utf-8") as f:
-                vocab = json.load(f)
-            with open(mf, encoding="utf-8") as f:
-                lines = f.read().split("\n")
-            merges = [tuple(l.split()) for l in lines if l and not l.startswith("#version")]
-            return BPETokenizer(vocab, merges, length)
-        if path.endswith(".gz"):
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                lines = f.read().split("\n")
-            merges = [tuple(l.split()) for l in lines[1:49152 - 256 - 2 + 1] if l.strip()]  # as OpenAI's simple_tokenizer
-            syms = list(bytes_to_unicode().values())
-            syms = syms + [s + "</w>" for s in syms] + ["".join(m) for m in merges] + [BOS, EOS]
-            return BPETokenizer({s: i for i, s in enumerate(syms)}, merges, length)
-        raise FileNotFoundError(f"{path}: not a tokenizer folder (vocab.json + merges.txt) nor a .txt.gz BPE file")
 
     def bpe(self, word: str) -> list[str]:
         if word in self.cache:
@@ -254,8 +228,8 @@ class TextEncoder(nn.Module):
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         if self.tokenizer is None:
-            raise RuntimeError("this CLIP TextEncoder has no tokenizer: give build_text_encoder / load_text_encoder "
-                               "a path with vocab.json + merges.txt (an SD1.5 tokenizer/ folder) or "
+            raise RuntimeError("this CLIP TextEncoder has no tokenizer: give heartbeat.weights.build_text_encoder / "
+                               "load_text_encoder a path with vocab.json + merges.txt (an SD1.5 tokenizer/ folder) or "
                                "bpe_simple_vocab_16e6.txt.gz, pass token ids directly, or use --text_encoder=byte")
         return self.tokenizer(texts).to(self.text_model.embeddings.token_embedding.weight.device)
 
@@ -275,44 +249,3 @@ class TextEncoder(nn.Module):
         for layer in m.encoder.layers:
             x = layer(x, mask)
         return m.final_layer_norm(x)
-
-
-def build_text_encoder(cfg, path: str | None = None) -> TextEncoder:
-    """The text encoder `cfg.text_encoder` names ("clip" or "byte").
-
-    clip: `path` may hold weights (an SD1.5 single file, a diffusers/HF folder with text_encoder/, an
-    OpenAI CLIP file): they are loaded with heartbeat.weights.load_text_encoder, tokenizer files
-    found at or beside them. Or `path` holds only tokenizer files (a tokenizer/ folder with
-    vocab.json + merges.txt, or bpe_simple_vocab_16e6.txt.gz): a randomly initialised CLIP of the
-    config's size with that tokenizer. No path: no tokenizer (`.tokenize` raises; feed ids).
-    byte: no files; vocabulary of 259.
-    """
-    backend = getattr(cfg, "attn_backend", "auto")
-    if cfg.text_width != cfg.context_dim:
-        raise ValueError(f"text_width={cfg.text_width} must equal context_dim={cfg.context_dim} "
-                         "(text tokens are the cross-attention context)")
-    if cfg.text_encoder == "byte":
-        if path:
-            raise ValueError("text_encoder=byte reads no files; use --text_encoder=clip to load a tokenizer")
-        return TextEncoder(ByteTokenizer.vocab_size, cfg.text_tokens, cfg.text_width, cfg.text_layers,
-                           cfg.text_heads, ByteTokenizer(cfg.text_tokens), backend=backend)
-    if cfg.text_encoder != "clip":
-        raise ValueError(f"text_encoder={cfg.text_encoder!r}: choose clip or byte")
-    if path and _holds_weights(path):
-        from .weights import load_text_encoder
-        te = load_text_encoder(path, heads=cfg.text_heads)
-        if te.width != cfg.text_width or len(te.text_model.encoder.layers) != cfg.text_layers:
-            raise ValueError(f"{path}: a text model {te.width} wide with {len(te.text_model.encoder.layers)} layers, "
-                             f"but the config says text_width={cfg.text_width}, text_layers={cfg.text_layers}; "
-                             "use the matching preset (sd15 for CLIP ViT-L/14)")
-        return te
-    tok = BPETokenizer.from_files(path, cfg.text_tokens) if path else None
-    vocab = tok.vocab_size if tok is not None else 49408
-    return TextEncoder(vocab, cfg.text_tokens, cfg.text_width, cfg.text_layers, cfg.text_heads, tok, backend=backend)
-
-
-def _holds_weights(path: str) -> bool:
-    if os.path.isfile(path):
-        return not path.endswith(".gz")
-    names = set(os.listdir(path)) if os.path.isdir(path) else set()
-    return "text_encoder" in names or any(n.endswith((".safetensors", ".bin", ".ckpt", ".pt", ".pth")) for n in names)

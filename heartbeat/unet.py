@@ -26,8 +26,7 @@ timestep embedding and the text/image contexts are repeated per frame once per f
 transformer block runs attn1 -> attn2 -> attn_temporal -> ff. Gradient checkpointing is per block
 (every entry of input_blocks / middle_block / output_blocks) when cfg.grad_checkpointing.
 
-`diffusers_unet_to_ldm(state_dict)` renames a diffusers UNet2DConditionModel state dict to ours;
-`pad_conv_in(state_dict, cfg)` adds conv_in's zero local-condition channels to an SD state dict.
+Reading SD1.5 / diffusers files (and renaming diffusers' names to these) is heartbeat/weights.py's.
 """
 from __future__ import annotations
 
@@ -318,73 +317,3 @@ class UNet(nn.Module):
         want = f"({B}, {lc}, {h}, {w})" + (f" or ({B}, {Fr}, {lc}, {h}, {w})" if self.cfg.temporal else "")
         raise ValueError(f"local must have shape {want} (local_channels={lc} at latent size); got {tuple(local.shape)}")
 
-
-# ------------------------------------------------------------------------ diffusers names
-
-_RES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-        "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-        "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
-
-
-def diffusers_unet_to_ldm(state_dict: dict) -> dict:
-    """Rename a diffusers UNet2DConditionModel state dict (SD1.x layout) to our / CompVis names.
-
-    The number of res blocks per level and which up blocks carry attention are read from the keys.
-    Attention and feed-forward names inside transformer blocks are the same in both formats.
-    Unknown keys raise KeyError naming them.
-    """
-    keys = list(state_dict)
-    L = 1 + max(int(m.group(1)) for k in keys if (m := re.match(r"down_blocks\.\d+\.resnets\.(\d+)\.", k)))
-    up_attn = {int(m.group(1)) for k in keys if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
-    out, unknown = {}, []
-    for k, v in state_dict.items():
-        new = None
-        for a, b in _TOP.items():
-            if k.startswith(a + "."):
-                new = b + k[len(a):]
-        if (m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", k)):
-            i, kind, j, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
-            new = f"input_blocks.{1 + i * (L + 1) + j}." + ("0." + _res(rest) if kind == "resnets" else "1." + rest)
-        elif (m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", k)):
-            new = f"input_blocks.{(int(m.group(1)) + 1) * (L + 1)}.0.op.{m.group(2)}"
-        elif (m := re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", k)):
-            kind, j, rest = m.groups()
-            new = ("middle_block.1." + rest if kind == "attentions"
-                   else f"middle_block.{2 * int(j)}." + _res(rest))
-        elif (m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", k)):
-            i, kind, j, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
-            new = f"output_blocks.{i * (L + 1) + j}." + ("0." + _res(rest) if kind == "resnets" else "1." + rest)
-        elif (m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", k)):
-            i = int(m.group(1))
-            new = f"output_blocks.{i * (L + 1) + L}.{2 if i in up_attn else 1}.conv.{m.group(2)}"
-        if new is None:
-            unknown.append(k)
-        else:
-            out[new] = v
-    if unknown:
-        raise KeyError(f"diffusers_unet_to_ldm: {len(unknown)} unknown key(s): {', '.join(unknown[:10])}")
-    return out
-
-
-def pad_conv_in(state_dict: dict, cfg) -> dict:
-    """Give an SD state dict's conv_in (4 input channels) zero weights for cfg.local_channels more.
-
-    Returns a new dict (other tensors shared). A conv_in that already has them is left as is.
-    """
-    key = "input_blocks.0.0.weight"
-    w = state_dict[key]
-    want = cfg.latent_channels + cfg.local_channels
-    if w.shape[1] == want:
-        return dict(state_dict)
-    if w.shape[1] != cfg.latent_channels:
-        raise ValueError(f"{key} has {w.shape[1]} input channels; expected {cfg.latent_channels} (SD) or {want}")
-    extra = w.new_zeros(w.shape[0], cfg.local_channels, *w.shape[2:])
-    return {**state_dict, key: torch.cat([w, extra], dim=1)}  # local channels start silent
-
-
-def _res(rest: str) -> str:
-    name, _, param = rest.rpartition(".")
-    if name not in _RES:
-        raise KeyError(f"diffusers_unet_to_ldm: unknown ResnetBlock2D parameter {rest!r}")
-    return f"{_RES[name]}.{param}"

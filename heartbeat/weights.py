@@ -1,9 +1,15 @@
-"""Loading Stable Diffusion 1.5, CLIP and SAM / MedSAM checkpoints into HeartBeat modules (DESIGN.md §6).
+"""The one reader of foreign weight files: Stable Diffusion 1.5 (single file or diffusers), CLIP
+(HF, OpenAI, tokenizer files) and SAM / MedSAM, into HeartBeat modules (docs/ARCHITECTURE.md §Public API).
+The modules themselves (unet.py, vae.py, text.py, image_prior.py) are architecture only and read no
+file; this module builds them and fills them. (Long because every foreign format is here, by design.)
 
     unet = load_unet(path)             # SD1.5 single file (.ckpt / .safetensors) or diffusers folder / unet file
     vae = load_vae(path)               # same sources, or a bare VAE state dict (LDM or diffusers names)
     te = load_text_encoder(path)       # HF CLIPTextModel (folder, file, SD1.5 single file) or OpenAI CLIP
     ie = load_image_encoder(path)      # SAM / MedSAM .pth (image_encoder.* keys, or bare)
+    te = build_text_encoder(cfg, path) # the text encoder a ModelConfig names (byte, or CLIP from files)
+    prior = build_image_prior(cfg, vae, path)   # the frozen image prior a ModelConfig names
+    tok = read_tokenizer(path)         # CLIP BPE: vocab.json + merges.txt, or bpe_simple_vocab_16e6.txt.gz
 
 Our modules use the original names (CompVis LDM for UNet/VAE, Hugging Face for the CLIP text model,
 segment_anything for SAM), so most formats load by stripping a prefix; diffusers UNet/VAE names and
@@ -16,13 +22,20 @@ their zero initialisation; SD's 4-channel conv_in weight fills the first 4 input
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import os
 import re
+import warnings
 
 import torch
+from safetensors.torch import load_file
 
 from .config import PRESETS, ModelConfig
+from .image_prior import ImagePrior, SAMImageEncoder
+from .text import BOS, EOS, BPETokenizer, ByteTokenizer, TextEncoder, bytes_to_unicode
+from .unet import UNet
+from .vae import AutoencoderKL
 
 # ------------------------------------------------------------------------------------ reading
 
@@ -40,7 +53,6 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
         sd = load_file(path, device="cpu")
     else:
         try:
@@ -102,13 +114,19 @@ def load_into(module: torch.nn.Module, sd: dict, fmt: str, fits: str = "", allow
     return module
 
 
-def check_fit(module: torch.nn.Module, sd: dict, fmt: str, fits: str = "", allow_missing=None) -> None:
-    """The checks of load_into without copying (`module` may live on the meta device)."""
+def check_fit(module: torch.nn.Module, sd: dict, fmt: str, fits: str = "", allow_missing=None,
+              ignore_unexpected=None, what: str = "checkpoint") -> None:
+    """The checks of load_into without copying (`module` may live on the meta device): every key of the
+    module in `sd` (but those allow_missing(key) excuses), no key of `sd` the module lacks (but those
+    ignore_unexpected(key) excuses), equal shapes. One WeightsError naming `what`, the module (its
+    `describe()` when it has one), the format and what fits. Every state-dict check of the project."""
     own = module.state_dict()
     missing = [k for k in own if k not in sd and not (allow_missing and allow_missing(k))]
-    unexpected = [k for k in sd if k not in own]
+    unexpected = [k for k in sd if k not in own and not (ignore_unexpected and ignore_unexpected(k))]
+    target = module.describe() if hasattr(module, "describe") else type(module).__name__
+    where = f"detected format: {fmt}" + (f"; {fits}" if fits else "")
     if missing or unexpected:
-        msg = [f"checkpoint does not fit {type(module).__name__} (detected format: {fmt}; {fits})"]
+        msg = [f"{what} does not fit {target} ({where})"]
         if missing:
             msg.append(f"missing keys: {_sample(missing)}")
         if unexpected:
@@ -118,8 +136,8 @@ def check_fit(module: torch.nn.Module, sd: dict, fmt: str, fits: str = "", allow
     if bad:
         k = bad[0]
         more = f"; {len(bad) - 1} more: {_sample(bad[1:], 4)}" if len(bad) > 1 else ""
-        raise WeightsError(f"shape mismatch at {k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)} "
-                           f"(detected format: {fmt}; {fits}{more})")
+        raise WeightsError(f"{what} does not fit {target}: shape mismatch at {k}: checkpoint {tuple(sd[k].shape)} "
+                           f"vs model {tuple(own[k].shape)} ({where}{more})")
 
 
 # ---------------------------------------------------------------------------------------- VAE
@@ -185,7 +203,6 @@ def vae_config_from(sd: dict, base: ModelConfig | None = None, json_cfg: dict | 
 def load_vae(path: str, cfg: ModelConfig | None = None):
     """An AutoencoderKL from an SD1.5 single file, a diffusers folder (vae/) or file, or a bare state dict.
     cfg=None: the architecture is read from the shapes (and config.json: norm groups, scaling factor)."""
-    from .vae import AutoencoderKL
     raw, jcfg, src = _resolve(path, "vae")
     sd, fmt = _vae_format(raw)
     c = vae_config_from(sd, None, jcfg) if cfg is None else cfg
@@ -243,13 +260,37 @@ def _find_tokenizer(path: str) -> str | None:
     return None
 
 
+def read_tokenizer(path: str, length: int = 77) -> BPETokenizer:
+    """`path`: a folder with vocab.json + merges.txt (SD1.5 `tokenizer/`), or bpe_simple_vocab_16e6.txt.gz."""
+    if os.path.isdir(path):
+        if os.path.isdir(os.path.join(path, "tokenizer")):
+            path = os.path.join(path, "tokenizer")
+        vf, mf = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
+        if not (os.path.isfile(vf) and os.path.isfile(mf)):
+            raise FileNotFoundError(f"{path}: no vocab.json + merges.txt; give an SD1.5 tokenizer/ folder "
+                                    "or OpenAI's bpe_simple_vocab_16e6.txt.gz")
+        with open(vf, encoding="utf-8") as f:
+            vocab = json.load(f)
+        with open(mf, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        merges = [tuple(l.split()) for l in lines if l and not l.startswith("#version")]
+        return BPETokenizer(vocab, merges, length)
+    if path.endswith(".gz"):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        merges = [tuple(l.split()) for l in lines[1:49152 - 256 - 2 + 1] if l.strip()]  # as OpenAI's simple_tokenizer
+        syms = list(bytes_to_unicode().values())
+        syms = syms + [s + "</w>" for s in syms] + ["".join(m) for m in merges] + [BOS, EOS]
+        return BPETokenizer({s: i for i, s in enumerate(syms)}, merges, length)
+    raise FileNotFoundError(f"{path}: not a tokenizer folder (vocab.json + merges.txt) nor a .txt.gz BPE file")
+
+
 def load_text_encoder(path: str, tokenizer: str | None = None, heads: int | None = None):
     """A CLIP TextEncoder from an HF CLIPTextModel (folder text_encoder/ or file), an SD1.5 single file
     (cond_stage_model.transformer.*) or OpenAI CLIP weights. The tokenizer comes from `tokenizer`, or
     vocab.json + merges.txt / bpe_simple_vocab_16e6.txt.gz found at or beside `path` (tokenizer/);
     without one `.tokenize` raises and ids must be given. The head count comes from `heads`, else
     config.json (num_attention_heads), else CLIP's convention width // 64 (right for ViT-L/14 and ViT-B)."""
-    from .text import BPETokenizer, TextEncoder
     raw, jcfg, src = _resolve(path, "text_encoder")
     if any(k.startswith(_SD_PREFIX["text"]) for k in raw):
         sd, fmt = _strip(raw, _SD_PREFIX["text"]), "SD single file (cond_stage_model.transformer.*), HF names"
@@ -270,7 +311,7 @@ def load_text_encoder(path: str, tokenizer: str | None = None, heads: int | None
     layers = 1 + max([int(m.group(1)) for k in sd for m in [re.match(r"text_model\.encoder\.layers\.(\d+)\.", k)] if m] or [-1])
     heads = int(heads or jcfg.get("num_attention_heads", max(1, width // 64)))  # CLIP's convention: head dim 64
     tpath = tokenizer or _find_tokenizer(path)
-    tok = BPETokenizer.from_files(tpath, tokens) if tpath else None
+    tok = read_tokenizer(tpath, tokens) if tpath else None
     mlp = sd.get("text_model.encoder.layers.0.mlp.fc1.weight")
     te = TextEncoder(vocab, tokens, width, layers, heads, tok, mlp_width=None if mlp is None else mlp.shape[0])
     fits = "fits preset sd15 (CLIP ViT-L/14)" if (width, layers) == (768, 12) else f"width {width}, {layers} layers: no preset"
@@ -282,7 +323,6 @@ def load_text_encoder(path: str, tokenizer: str | None = None, heads: int | None
 def load_image_encoder(path: str):
     """A SAMImageEncoder from a SAM / MedSAM checkpoint (full model with image_encoder.* keys, or bare).
     The architecture (ViT-B/L/H, window, global blocks) is read from the shapes."""
-    from .image_prior import SAMImageEncoder
     raw = read_state_dict(path)
     if any(k.startswith("image_encoder.") for k in raw):
         sd, fmt = _strip(raw, "image_encoder."), "SAM full model (image_encoder.*)"
@@ -310,10 +350,91 @@ def load_image_encoder(path: str):
     return load_into(enc, sd, f"{fmt} from {path}", fits).eval()
 
 
+# ------------------------------------------------------------------- built from a config
+
+def build_text_encoder(cfg, path: str | None = None) -> TextEncoder:
+    """The text encoder `cfg.text_encoder` names ("clip" or "byte").
+
+    clip: `path` may hold weights (an SD1.5 single file, a diffusers/HF folder with text_encoder/, an
+    OpenAI CLIP file): they are loaded with heartbeat.weights.load_text_encoder, tokenizer files
+    found at or beside them. Or `path` holds only tokenizer files (a tokenizer/ folder with
+    vocab.json + merges.txt, or bpe_simple_vocab_16e6.txt.gz): a randomly initialised CLIP of the
+    config's size with that tokenizer. No path: no tokenizer (`.tokenize` raises; feed ids).
+    byte: no files; vocabulary of 259.
+    """
+    backend = getattr(cfg, "attn_backend", "auto")
+    if cfg.text_width != cfg.context_dim:
+        raise ValueError(f"text_width={cfg.text_width} must equal context_dim={cfg.context_dim} "
+                         "(text tokens are the cross-attention context)")
+    if cfg.text_encoder == "byte":
+        if path:
+            raise ValueError("text_encoder=byte reads no files; use --text_encoder=clip to load a tokenizer")
+        return TextEncoder(ByteTokenizer.vocab_size, cfg.text_tokens, cfg.text_width, cfg.text_layers,
+                           cfg.text_heads, ByteTokenizer(cfg.text_tokens), backend=backend)
+    if cfg.text_encoder != "clip":
+        raise ValueError(f"text_encoder={cfg.text_encoder!r}: choose clip or byte")
+    if path and _holds_weights(path):
+        te = load_text_encoder(path, heads=cfg.text_heads)
+        if te.width != cfg.text_width or len(te.text_model.encoder.layers) != cfg.text_layers:
+            raise ValueError(f"{path}: a text model {te.width} wide with {len(te.text_model.encoder.layers)} layers, "
+                             f"but the config says text_width={cfg.text_width}, text_layers={cfg.text_layers}; "
+                             "use the matching preset (sd15 for CLIP ViT-L/14)")
+        return te
+    tok = read_tokenizer(path, cfg.text_tokens) if path else None
+    vocab = tok.vocab_size if tok is not None else 49408
+    return TextEncoder(vocab, cfg.text_tokens, cfg.text_width, cfg.text_layers, cfg.text_heads, tok, backend=backend)
+
+
+def _holds_weights(path: str) -> bool:
+    if os.path.isfile(path):
+        return not path.endswith(".gz")
+    names = set(os.listdir(path)) if os.path.isdir(path) else set()
+    return "text_encoder" in names or any(n.endswith((".safetensors", ".bin", ".ckpt", ".pt", ".pth")) for n in names)
+
+
+def build_image_prior(cfg, vae=None, path: str | None = None) -> ImagePrior:
+    """The frozen prior that `cfg.prior` names.
+
+    vae:    cfg.prior_dim == latent_channels -> scaled latent mean; == vae_channels[-1] -> hidden map.
+            Uses `vae` (an AutoencoderKL; its encoder is frozen in place and shared), else loads
+            `path` with heartbeat.weights.load_vae, else builds a randomly initialised VAE (tests only:
+            a warning says so).
+    medsam: `path` is a SAM / MedSAM ViT-B checkpoint (.pth); cfg.prior_dim must be its 256 channels.
+    """
+    if cfg.prior == "medsam":
+        if not path:
+            raise ValueError("prior=medsam needs a SAM/MedSAM ViT-B checkpoint path (e.g. medsam_vit_b.pth); "
+                             "or use --prior=vae, which needs no download")
+        sam = load_image_encoder(path)
+        out = sam.neck[0].out_channels
+        if cfg.prior_dim != out:
+            raise ValueError(f"prior=medsam: {path} gives {out}-channel features but prior_dim={cfg.prior_dim}; "
+                             f"set --prior_dim={out}")
+        return ImagePrior("medsam", cfg.prior_tokens, out, sam=sam)
+    if cfg.prior != "vae":
+        raise ValueError(f"prior={cfg.prior!r}: choose vae or medsam")
+    if vae is None:
+        if path:
+            vae = load_vae(path, cfg)
+        else:
+            warnings.warn("build_image_prior: no VAE given; using a randomly initialised VAE encoder "
+                          "(pass the trained VAE for meaningful prior tokens)")
+            vae = AutoencoderKL(cfg)
+    hidden = vae.encoder.conv_out.in_channels
+    if cfg.prior_dim == vae.latent_channels:
+        feature = "latent"
+    elif cfg.prior_dim == hidden:
+        feature = "hidden"
+    else:
+        raise ValueError(f"prior=vae: prior_dim={cfg.prior_dim} matches neither latent_channels="
+                         f"{vae.latent_channels} (latent mean) nor vae_channels[-1]={hidden} (hidden map); "
+                         f"set --prior_dim={hidden} (recommended) or {vae.latent_channels}")
+    return ImagePrior("vae", cfg.prior_tokens, cfg.prior_dim, vae=vae, feature=feature)
+
+
 # --------------------------------------------------------------------------------------- UNet
 
 def _unet_format(sd: dict) -> tuple[dict, str]:
-    from .unet import diffusers_unet_to_ldm
     if any(k.startswith(_SD_PREFIX["unet"]) for k in sd):
         sd, fmt = _strip(sd, _SD_PREFIX["unet"]), "SD single file (model.diffusion_model.*)"
     elif any(k.startswith("unet.") for k in sd):
@@ -364,7 +485,6 @@ def load_unet(path: str, cfg: ModelConfig | None = None):
     or a HeartBeat UNet state dict. SD's conv_in (latent channels only) fills the first input channels;
     parameters SD lacks (image-prior branch, local-condition channels, temporal layers) keep their zero init.
     A checkpoint with temporal layers inflates the model first."""
-    from .unet import UNet
     raw, jcfg, src = _resolve(path, "unet")
     sd, fmt = _unet_format(raw)
     shapes = unet_config_from(sd, None, jcfg)
@@ -390,3 +510,74 @@ def load_unet(path: str, cfg: ModelConfig | None = None):
         sd = dict(sd, **{"input_blocks.0.0.weight": full})
     check_fit(probe, sd, fmt, fits, allow_missing=UNet.is_new_parameter)
     return load_into(build(), sd, fmt, fits, allow_missing=UNet.is_new_parameter).eval()
+
+
+# ------------------------------------------------------------------------ diffusers names
+
+_RES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+        "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+        "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def diffusers_unet_to_ldm(state_dict: dict) -> dict:
+    """Rename a diffusers UNet2DConditionModel state dict (SD1.x layout) to our / CompVis names.
+
+    The number of res blocks per level and which up blocks carry attention are read from the keys.
+    Attention and feed-forward names inside transformer blocks are the same in both formats.
+    Unknown keys raise KeyError naming them.
+    """
+    keys = list(state_dict)
+    L = 1 + max(int(m.group(1)) for k in keys if (m := re.match(r"down_blocks\.\d+\.resnets\.(\d+)\.", k)))
+    up_attn = {int(m.group(1)) for k in keys if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+    out, unknown = {}, []
+    for k, v in state_dict.items():
+        new = None
+        for a, b in _TOP.items():
+            if k.startswith(a + "."):
+                new = b + k[len(a):]
+        if (m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", k)):
+            i, kind, j, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
+            new = f"input_blocks.{1 + i * (L + 1) + j}." + ("0." + _res(rest) if kind == "resnets" else "1." + rest)
+        elif (m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", k)):
+            new = f"input_blocks.{(int(m.group(1)) + 1) * (L + 1)}.0.op.{m.group(2)}"
+        elif (m := re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", k)):
+            kind, j, rest = m.groups()
+            new = ("middle_block.1." + rest if kind == "attentions"
+                   else f"middle_block.{2 * int(j)}." + _res(rest))
+        elif (m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", k)):
+            i, kind, j, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
+            new = f"output_blocks.{i * (L + 1) + j}." + ("0." + _res(rest) if kind == "resnets" else "1." + rest)
+        elif (m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", k)):
+            i = int(m.group(1))
+            new = f"output_blocks.{i * (L + 1) + L}.{2 if i in up_attn else 1}.conv.{m.group(2)}"
+        if new is None:
+            unknown.append(k)
+        else:
+            out[new] = v
+    if unknown:
+        raise KeyError(f"diffusers_unet_to_ldm: {len(unknown)} unknown key(s): {', '.join(unknown[:10])}")
+    return out
+
+
+def pad_conv_in(state_dict: dict, cfg) -> dict:
+    """Give an SD state dict's conv_in (4 input channels) zero weights for cfg.local_channels more.
+
+    Returns a new dict (other tensors shared). A conv_in that already has them is left as is.
+    """
+    key = "input_blocks.0.0.weight"
+    w = state_dict[key]
+    want = cfg.latent_channels + cfg.local_channels
+    if w.shape[1] == want:
+        return dict(state_dict)
+    if w.shape[1] != cfg.latent_channels:
+        raise ValueError(f"{key} has {w.shape[1]} input channels; expected {cfg.latent_channels} (SD) or {want}")
+    extra = w.new_zeros(w.shape[0], cfg.local_channels, *w.shape[2:])
+    return {**state_dict, key: torch.cat([w, extra], dim=1)}  # local channels start silent
+
+
+def _res(rest: str) -> str:
+    name, _, param = rest.rpartition(".")
+    if name not in _RES:
+        raise KeyError(f"diffusers_unet_to_ldm: unknown ResnetBlock2D parameter {rest!r}")
+    return f"{_RES[name]}.{param}"

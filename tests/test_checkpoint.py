@@ -1,4 +1,5 @@
-"""heartbeat/checkpoint.py: atomic files, weights + metadata, aliases, pruning, EMA, RNG, refusals."""
+"""heartbeat/checkpoint.py: weights + metadata, aliases, pruning, EMA, RNG, refusals; and the atomic
+writes of heartbeat/utils.py that every checkpoint goes through."""
 import random
 
 import numpy as np
@@ -7,6 +8,7 @@ import torch
 
 from heartbeat import checkpoint as ckpt
 from heartbeat.config import get_config
+from heartbeat.utils import atomic_write, atomic_write_text
 
 
 def _cfg(stage="pretrain", preset="tiny"):
@@ -29,13 +31,13 @@ def test_weights_roundtrip_with_metadata_and_shared_tensors(tmp_path):
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     p = tmp_path / "x.txt"
-    ckpt.atomic_write_text(p, "old")
+    atomic_write_text(p, "old")
 
     def boom(tmp):
         open(tmp, "w").write("half")
         raise RuntimeError("killed")
     with pytest.raises(RuntimeError):
-        ckpt.atomic_write(p, boom)
+        atomic_write(p, boom)
     assert p.read_text() == "old"
     assert [q.name for q in tmp_path.iterdir()] == ["x.txt"]
 

@@ -216,10 +216,11 @@ def test_video_sketch_is_first_frame_broadcast_and_masks_per_frame():
 
 
 def test_trainable_parameters_by_stage():
+    from heartbeat.stages import get_stage
     cfg, cond = make()
     flow = {id(p) for p in cond.local["flow"].parameters()}
-    assert {id(p) for p in cond.trainable_parameters("finetune")} == flow
-    pre = {id(p) for p in cond.trainable_parameters("pretrain")}
+    assert {id(p) for p in cond.parameters_of(get_stage("finetune").trains_encoders)} == flow
+    pre = {id(p) for p in cond.parameters_of(get_stage("pretrain").trains_encoders)}
     assert not (pre & flow) and {id(p) for p in cond.adapter.parameters()} <= pre
     assert not any(id(p) in pre for p in cond.image_prior.parameters())
 

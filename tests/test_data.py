@@ -1,4 +1,4 @@
-"""heartbeat/data.py: batch keys and values (docs/INTERFACES.md), resizing, lazy handles, errors."""
+"""heartbeat/data.py: batch keys and values (docs/ARCHITECTURE.md), resizing, lazy handles, errors."""
 import pickle
 
 import h5py
@@ -73,7 +73,7 @@ def test_clip_dataset_contract(h5):
 
 
 def test_conditions_and_flow_flags(h5):
-    b = ClipDataset(h5, conditions=(), with_flow=False)[0]
+    b = ClipDataset(h5, conditions=())[0]
     assert set(b) == {"video", "mask_valid", "text", "clip"}
     b = FrameDataset(h5, conditions=("mask",))[0]
     assert set(b) == {"image", "mask", "mask_valid", "text", "clip", "frame"}
@@ -118,9 +118,9 @@ def test_errors_name_file_dataset_and_fix(h5, tmp_path):
                 src.copy(k, dst)
         dst.attrs.update(src.attrs)
     FrameDataset(bad)                        # stage 1 does not need flow
-    with pytest.raises(DataError, match=r"noflow\.h5: dataset 'flow' is missing; pass with_flow=False"):
+    with pytest.raises(DataError, match=r"noflow\.h5: dataset 'flow' is missing; drop 'flow' from the conditions"):
         ClipDataset(bad)
-    ClipDataset(bad, with_flow=False)
+    ClipDataset(bad, conditions=("text", "image", "sketch", "mask", "mv"))
     with h5py.File(bad, "a") as f:
         f.attrs["schema"] = 99
     with pytest.raises(DataError, match=r"noflow\.h5: schema 99"):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from heartbeat.config import get_config
-from heartbeat.image_prior import SAMImageEncoder, build_image_prior, preprocess
+from heartbeat.image_prior import SAMImageEncoder, preprocess
+from heartbeat.weights import build_image_prior
 from heartbeat.vae import AutoencoderKL
 from heartbeat.weights import load_into
 

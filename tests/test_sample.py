@@ -27,7 +27,7 @@ SIZE, FRAMES = 32, 4
 
 
 # ---------------------------------------------------------------------- stand-in networks
-# Tiny modules that honour the contracts of docs/INTERFACES.md (Conditioner(batch, keep) -> UNet
+# Tiny modules that honour the contracts of docs/ARCHITECTURE.md §Conditions (Conditioner(batch, keep) -> UNet
 # kwargs; dropped = absent = zeros; 4-D frames or 5-D clips), so sampling logic is tested alone.
 
 class StubConditioner(nn.Module):
@@ -330,7 +330,7 @@ def test_samples_h5_schema_stage1(phantom, ckpts, tmp_path, stub):
     from heartbeat.data import ClipDataset, FrameDataset
     fd = FrameDataset(out / "samples.h5", conditions=("mask", "mv"))
     assert len(fd) == 21 and fd[4]["mask"].shape == (SIZE, SIZE)
-    assert ClipDataset(out / "samples.h5", conditions=("mask",), with_flow=False)[0]["video"].shape == (3, 1, SIZE, SIZE)
+    assert ClipDataset(out / "samples.h5", conditions=("mask",))[0]["video"].shape == (3, 1, SIZE, SIZE)
     # previews: GIFs with the panels side by side, and a grid
     import imageio.v3 as iio
     gifs = sorted(out.glob("sample_*.gif"))
@@ -448,7 +448,7 @@ SHRINK = ["--image_size=32", "--vae_channels=16,32", "--vae_norm_groups=8", "--u
 def real_ckpt(path, stage, extra=(), ema_noise=0.0):
     """A checkpoint of the real LatentDiffusion model (random weights), saved by heartbeat.checkpoint."""
     from heartbeat.checkpoint import save_weights
-    from heartbeat.trainer import build_model
+    from heartbeat.models import build_model
     cfg = get_config("tiny", SHRINK + [f"--stage={stage}", *extra])
     torch.manual_seed(0)
     model = build_model(cfg)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from heartbeat.config import get_config
-from heartbeat.text import BPETokenizer, ByteTokenizer, TextEncoder, build_text_encoder, bytes_to_unicode
+from heartbeat.text import BPETokenizer, ByteTokenizer, TextEncoder, bytes_to_unicode
+from heartbeat.weights import build_text_encoder, read_tokenizer
 from heartbeat.weights import load_into
 
 CORPUS = ("an echo with 2-chamber view . an echo with 4-chamber view of the heart , apical two chamber and four "
@@ -70,7 +71,7 @@ def tok_dir(tmp_path_factory):
 def test_bpe_matches_transformers(tok_dir):
     transformers = pytest.importorskip("transformers")
     ref = transformers.CLIPTokenizer.from_pretrained(str(tok_dir))
-    ours = BPETokenizer.from_files(str(tok_dir), 77)
+    ours = read_tokenizer(str(tok_dir), 77)
     want = ref(TRICKY, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     got = ours(TRICKY)
     assert got.shape == (len(TRICKY), 77)
@@ -82,8 +83,8 @@ def test_bpe_matches_transformers(tok_dir):
 
 
 def test_openai_gz_format_gives_same_ids(tok_dir):
-    a = BPETokenizer.from_files(str(tok_dir))
-    b = BPETokenizer.from_files(str(tok_dir / "bpe_simple_vocab_16e6.txt.gz"))
+    a = read_tokenizer(str(tok_dir))
+    b = read_tokenizer(str(tok_dir / "bpe_simple_vocab_16e6.txt.gz"))
     assert torch.equal(a(TRICKY), b(TRICKY))
 
 

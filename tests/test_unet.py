@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from heartbeat.config import get_config
-from heartbeat.unet import UNet, diffusers_unet_to_ldm, pad_conv_in
+from heartbeat.unet import UNet
+from heartbeat.weights import diffusers_unet_to_ldm, pad_conv_in
 
 SD15_UNET_PARAMS = 859_520_964  # SD1.5 UNet with 4 input channels
 
@@ -178,13 +179,27 @@ def test_backends_math_and_sdpa_agree():
 
 
 def test_share_q_option():
+    """--share_image_q: no to_q_img, and the image branch uses the text branch's queries, so the model
+    equals the unshared one whose every to_q_img is a copy of to_q (and differs from it otherwise)."""
     cfg = small_cfg()
-    cfg.share_image_q = True
-    unet = UNet(cfg)
-    assert not any("to_q_img" in n for n, _ in unet.named_parameters())
+    torch.manual_seed(0)
+    unshared = wake(UNet(cfg))
+    cfg_s = small_cfg(share_image_q=True)
+    shared = UNet(cfg_s)
+    assert not any("to_q_img" in n for n, _ in shared.named_parameters())
+    state = {k: v for k, v in unshared.state_dict().items() if "to_q_img" not in k}
+    shared.load_state_dict(state)                               # strict: the same names otherwise
     z, t, text, image, local = inputs(cfg)
     with torch.no_grad():
-        assert unet(z, t, text=text, image=image).shape == z.shape
+        out = shared(z, t, text=text, image=image, local=local)
+        differs = unshared(z, t, text=text, image=image, local=local)
+        for name, p in unshared.named_parameters():
+            if name.endswith("to_q_img.weight"):
+                p.copy_(unshared.get_parameter(name.replace("to_q_img", "to_q")))
+        same = unshared(z, t, text=text, image=image, local=local)
+    assert out.shape == z.shape
+    torch.testing.assert_close(out, same, rtol=0, atol=1e-6)
+    assert (out - differs).abs().max() > 1e-3                   # to_q_img mattered: the test can fail
 
 
 def test_bad_input_raises_clear_errors():

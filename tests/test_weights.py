@@ -50,7 +50,7 @@ def _text_sd(ref):
 
 
 def _unet_ldm(ref):
-    from heartbeat.unet import diffusers_unet_to_ldm
+    from heartbeat.weights import diffusers_unet_to_ldm
     return diffusers_unet_to_ldm(ref.state_dict())
 
 
@@ -178,7 +178,7 @@ def test_openai_clip_and_tokenizer(refs, tmp_path):
     ids = te.tokenize(["An echo"])
     assert ids[0, :4].tolist() == [512, syms.index("a"), syms.index("n</w>"), syms.index("e")] and ids[0, -1] == 513
     # build_text_encoder with a weights path loads them (and checks them against the config)
-    from heartbeat.text import build_text_encoder
+    from heartbeat.weights import build_text_encoder
     opts = ["--text_encoder=clip", "--text_width=32", "--context_dim=32", "--text_heads=4"]
     te = build_text_encoder(get_config("tiny", opts + ["--text_layers=2"]).model, str(tmp_path / "ViT-tiny.pt"))
     _check_text(te, refs["text"])
@@ -218,7 +218,7 @@ def test_sam_checkpoints(tmp_path):
 # ------------------------------------------------------------------------------- round trips
 
 def test_round_trips(tmp_path):
-    from heartbeat.text import build_text_encoder
+    from heartbeat.weights import build_text_encoder
     from heartbeat.unet import UNet
     from heartbeat.vae import AutoencoderKL
     cfg = get_config("tiny").model

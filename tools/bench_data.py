@@ -72,6 +72,7 @@ def _rate(ds, seconds, nbytes):
 def load(a) -> None:
     import torch
     from heartbeat.data import ClipDataset, FrameDataset
+    NO_FLOW = ("text", "image", "sketch", "mask", "mv")
     torch.set_num_threads(1)
     tmp = None
     path = a.data
@@ -84,11 +85,11 @@ def load(a) -> None:
         path = os.path.join(tmp, "train.h5")
     size = a.size or None
     sets = [("FrameDataset (stage 1)", FrameDataset(path, size=size)),
-            ("ClipDataset, no flow", ClipDataset(path, size=size, with_flow=False)),
-            ("ClipDataset, with flow", ClipDataset(path, size=size, with_flow=True))]
+            ("ClipDataset, no flow", ClipDataset(path, size=size, conditions=NO_FLOW)),
+            ("ClipDataset, with flow", ClipDataset(path, size=size))]
     if a.cache:    # what training reads once the encoder cache exists: latents + prior tokens, no prior frame
         sets += [("FrameDataset, cached", FrameDataset(path, size=size, cache=a.cache)),
-                 ("ClipDataset, cached", ClipDataset(path, size=size, with_flow=False, cache=a.cache))]
+                 ("ClipDataset, cached", ClipDataset(path, size=size, conditions=NO_FLOW, cache=a.cache))]
     for name, ds in sets:
         r, mbs = _rate(ds, a.seconds, True)
         unit = "frames/s" if isinstance(ds, FrameDataset) else "clips/s"

@@ -1,4 +1,5 @@
-"""Evaluate generated clips against a real split: FID, FVD, SSIM and controllability (DESIGN.md §8).
+"""Evaluate generated clips against a real split: FID, FVD, SSIM and controllability
+(docs/ARCHITECTURE.md §Evaluation).
 
     python tools/eval.py --real=data/phantom --fake=runs/003-sample/samples.h5 [--split=test]
         [--metrics=fid,fvd,ssim,control] [--inception=FILE] [--i3d=FILE] [--segmenter=FILE]
@@ -82,7 +83,7 @@ def open_h5(path: Path, need=("video",)) -> h5py.File:
         raise EvalError(f"{path} is not a readable HDF5 file ({e})") from None
     for k in need:
         if k not in f:
-            raise EvalError(f"{path} has no '{k}' dataset (DESIGN.md §4 schema)")
+            raise EvalError(f"{path} has no '{k}' dataset (docs/ARCHITECTURE.md §Data schema)")
     if f["video"].ndim != 4 or f["video"].dtype != np.uint8:
         raise EvalError(f"{path}: 'video' must be uint8 (N, F, H, W), got {f['video'].dtype} "
                         f"{f['video'].shape}")

@@ -18,7 +18,7 @@ per-frame masks); stage-2 and cmr checkpoints make clips / volumes of F frames.
 
 Sample k uses seed S + k and its own generator; samples are split across ranks (k = rank, rank +
 world, ...), so the same seeds give the same samples on 1 or 8 GPUs. Writes OUT/samples.h5 (the
-DESIGN.md §4 schema: video, the conditioning maps given, mask_valid, text, view, patient, meta JSON;
+docs/ARCHITECTURE.md §Data schema: video, the conditioning maps given, mask_valid, text, view, patient, meta JSON;
 plus source_index and conditions per sample, root attrs checkpoint/sampler/steps/guidance/seed),
 OUT/sample_XXXXX.gif previews (generated | mask overlay | sketch | MV), OUT/grid.png and
 OUT/sample_args.json. OUT defaults to RUN/samples.
@@ -41,8 +41,9 @@ from heartbeat.config import CONDITIONS, Config, ConfigError  # noqa: E402
 from heartbeat.diffusion import SAMPLERS, SPACINGS, make_timesteps  # noqa: E402
 from heartbeat.guidance import GuidanceError, GuidanceSpec  # noqa: E402
 from heartbeat import sampling as S  # noqa: E402
+from heartbeat.preview import write_previews  # noqa: E402
+from heartbeat.stages import get_stage, sampling_stages  # noqa: E402
 
-SAMPLING_STAGES = ("pretrain", "finetune", "cmr")
 FILE_OPTIONS = {"mask": "mask", "prior": "image", "prompt": "text", "sketch": "sketch", "flow": "flow"}
 
 
@@ -93,9 +94,9 @@ def read_checkpoint_config(ckpt: str):
     if meta.get("format") != FORMAT or "config" not in meta:
         raise S.SampleError(f"--ckpt={ckpt}: {path} is not a HeartBeat checkpoint (no heartbeat metadata); "
                             f"pass a run folder or ckpt-N.safetensors written by tools/train.py")
-    if meta.get("stage") not in SAMPLING_STAGES:
+    if meta.get("stage") not in sampling_stages():
         raise S.SampleError(f"--ckpt={ckpt}: a '{meta.get('stage')}' checkpoint cannot sample; pass a "
-                            f"{' / '.join(SAMPLING_STAGES)} checkpoint")
+                            f"{' / '.join(sampling_stages())} checkpoint")
     try:
         cfg = Config.from_dict(json.loads(meta["config"]))
     except (ValueError, TypeError) as e:
@@ -167,7 +168,7 @@ def plan(args) -> dict:
     """Everything checked before any process group, folder or model exists."""
     from heartbeat.data import DataError, find_split
     path, meta, cfg = read_checkpoint_config(args.ckpt)
-    video = meta["stage"] != "pretrain"
+    video = get_stage(meta["stage"]).video
     used = resolve_conditions(args, cfg, video)
     try:
         spec = GuidanceSpec.parse(args.guidance)
@@ -197,7 +198,8 @@ def plan(args) -> dict:
     else:
         source = S.FileSource(cfg, used, args.frames or None, video, files)
         from data_prep.h5io import CMR_LABELS, ECHO_LABELS
-        labels = {str(k): v for k, v in (CMR_LABELS if meta["stage"] == "cmr" else ECHO_LABELS).items()}
+        modality_labels = CMR_LABELS if get_stage(meta["stage"]).modality == "cmr" else ECHO_LABELS
+        labels = {str(k): v for k, v in modality_labels.items()}
     out = Path(args.out) if args.out else path.parent / "samples"
     if out.exists() and not out.is_dir():
         raise S.SampleError(f"--out={out} is a file; name a folder")
@@ -216,12 +218,13 @@ class ModelLoadError(Exception):
 
 
 def load_model(path, cfg, use_ema: bool, device):
-    """The sampling modules (unet, conditioner, vae) with EMA weights (heartbeat/checkpoint.py)."""
-    from heartbeat.checkpoint import CheckpointError, load_for_sampling
-    from heartbeat.trainer import TrainError
+    """The sampling modules (unet, conditioner, vae) with EMA weights (heartbeat/models.py)."""
+    from heartbeat.checkpoint import CheckpointError
+    from heartbeat.models import load_for_sampling
+    from heartbeat.weights import WeightsError
     try:
         _, parts, _ = load_for_sampling(path, use_ema=use_ema, device=device)
-    except (CheckpointError, TrainError) as e:
+    except (CheckpointError, WeightsError) as e:
         raise ModelLoadError(str(e)) from None
     return parts
 
@@ -258,7 +261,7 @@ def run(args, p: dict, rank: int, world: int, device) -> Path | None:
     S.merge_parts(parts_files, final, attrs)
     for f in parts_files:
         f.unlink(missing_ok=True)
-    previews = S.write_previews(final, out, count=args.previews)
+    previews = write_previews(final, out, count=args.previews)
     (out / "sample_args.json").write_text(json.dumps(vars(args), indent=2, default=str))
     n = p["num"]
     print(f"wrote {n} samples ({label or 'unconditional'}; {Fr} frame(s) each) to {final} and "

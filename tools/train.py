@@ -8,7 +8,7 @@
     python tools/train.py --stage=pretrain --resume=runs/004-pretrain-tiny --max_steps=4000
 
 Options: --stage, --preset, and every config field as --key=value (heartbeat/config.py; an
-unknown key is an error listing the valid ones). Stages (DESIGN.md §1):
+unknown key is an error listing the valid ones). Stages (heartbeat/stages.py, docs/ARCHITECTURE.md):
     vae        the AutoencoderKL from scratch on frames.
     pretrain   stage 1, image LDM with every condition of --conditions and condition dropout; the
                VAE (--vae, else the newest runs/NNN-vae-PRESET, else one is trained first) and the
@@ -21,14 +21,19 @@ unknown key is an error listing the valid ones). Stages (DESIGN.md §1):
 
 Each run writes runs/NNN-STAGE-PRESET/: config.json (the resolved config), ckpt-N.safetensors
 (weights + EMA + config; what tools/sample.py loads), state-N.pt (the resume state), tb/ (TensorBoard),
-samples/ (preview grids), and for stage 1 samples.png at the end. Defaults per stage and preset that
-differ from the config's (e.g. fewer steps for the tiny CPU run) are in STAGE_DEFAULTS and printed;
-anything on the command line wins.
+samples/ (preview grids), and samples.png at the end; .lock while a process writes it. Defaults per
+stage and preset that differ from the config's (e.g. fewer steps for the tiny CPU run) are the stage's
+`preset_defaults` and are printed; anything on the command line wins.
+
+One batch from HDF5 to the loss: heartbeat/data.py (make_dataset, EpochSampler, make_loader) ->
+heartbeat/models.py (LatentDiffusion.loss) -> heartbeat/conditions.py (Conditioner) and
+heartbeat/diffusion.py (training_loss) -> heartbeat/unet.py.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -43,27 +48,22 @@ import torch.distributed as dist  # noqa: E402
 
 from heartbeat import checkpoint as ckpt  # noqa: E402
 from heartbeat.config import PRESETS, ConfigError, Config, apply_overrides, get_config  # noqa: E402
-from heartbeat.trainer import (PREVIOUS_STAGE, EpochSampler, TrainError, build_model, ensure_cache,  # noqa: E402
-                               find_run, init_model, lr_at, make_dataset, make_loader, prepare_data, preview,
-                               resolve_encoder_files, to_device, write_png)
+from heartbeat.data import EpochSampler, ensure_cache, find_split, make_dataset, make_loader, prepare_data  # noqa: E402
+from heartbeat.models import build_model  # noqa: E402
+from heartbeat.preview import preview, write_png  # noqa: E402
+from heartbeat.segmenter import save_segmenter, train_segmenter  # noqa: E402
+from heartbeat.runs import TrainError, find_run, init_model, open_run, resolve_encoder_files  # noqa: E402
+from heartbeat.stages import get_stage, stage_overrides  # noqa: E402
+from heartbeat.utils import atomic_write_text, autocast, to_device  # noqa: E402
 
-# Stage defaults by preset, applied before the command line's overrides. The tiny ones make the
-# newcomer's `bash train.sh pretrain` (VAE + stage 1) finish in about 8 minutes on 2 CPU cores.
-STAGE_DEFAULTS = {
-    "tiny": {
-        "vae": ["--max_steps=200", "--batch_size=8", "--lr=1e-3", "--warmup_steps=20", "--ckpt_every=100",
-                "--sample_every=100", "--ema_halflife_steps=50"],
-        "pretrain": ["--max_steps=360", "--batch_size=16", "--lr=1e-3", "--warmup_steps=40",
-                     "--ckpt_every=180", "--sample_every=180", "--ema_halflife_steps=90"],
-        "finetune": ["--max_steps=400", "--batch_size=4", "--lr=5e-4", "--warmup_steps=50",
-                     "--ckpt_every=200", "--sample_every=200", "--ema_halflife_steps=50"],
-        "cmr": ["--max_steps=300", "--batch_size=4", "--lr=3e-4", "--warmup_steps=30",
-                "--ckpt_every=150", "--sample_every=150", "--ema_halflife_steps=30"],
-    },
-    "sd15": {"finetune": ["--batch_size=16"]},    # the paper: batch 64 for stage 1 (the preset's), 16 for stage 2
-}
-DEFAULT_DATA = "data/phantom"
-PHANTOM = {"data/phantom": dict(clips=256, cmr=False), "data/phantom_cmr": dict(clips=64, cmr=True)}
+
+def lr_at(step: int, lr: float, warmup: int, max_steps: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at max_steps (SGDR's half cosine)."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    span = max(1, max_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 # ------------------------------------------------------------------------------- distributed
@@ -141,16 +141,6 @@ def parse_args(argv: list[str]) -> tuple[str, str | None, list[str]]:
     return stage, preset, rest
 
 
-def _stage_base(stage: str, conditions: tuple) -> list[str]:
-    """Options every preset gets for a stage (before the preset's STAGE_DEFAULTS and the command line)."""
-    if stage == "finetune":   # the video model: inflated UNet, the stage-1 conditions + optical flow
-        conds = tuple(conditions) + (() if "flow" in conditions else ("flow",))
-        return ["--temporal=true", "--conditions=" + ",".join(conds)]
-    if stage == "cmr":        # mask volumes are the only condition
-        return ["--temporal=true", "--conditions=mask", "--data=data/phantom_cmr"]
-    return []
-
-
 def resolve_config(stage: str, preset: str | None, overrides: list[str]) -> Config:
     """preset + stage options + command line. With --resume: the run's own config + command line.
     finetune / cmr take the model options of the checkpoint they start from (--init, else the
@@ -168,17 +158,18 @@ def resolve_config(stage: str, preset: str | None, overrides: list[str]) -> Conf
                               f"the run's; a resumed run keeps its model (start a new run with --init instead)")
         return cfg
     preset = preset or "tiny"
-    defaults = STAGE_DEFAULTS.get(preset, {}).get(stage, [])
+    st = get_stage(stage)
     base = get_config(preset)
-    if stage in PREVIOUS_STAGE:
-        src = probe.train.init or find_run(probe.train.out, PREVIOUS_STAGE[stage][0], preset)
+    if st.init == "previous":
+        src = probe.train.init or find_run(probe.train.out, st.starts_from[0], preset)
         if src:
             w = ckpt.find_weights(src)
-            ckpt.check_compatible(ckpt.read_meta(w), PREVIOUS_STAGE[stage], preset, what=f"--init={src}", path=w)
+            ckpt.check_compatible(ckpt.read_meta(w), st.starts_from, preset, what=f"--init={src}", path=w)
             saved = ckpt.read_weights(w).config
             base = Config.from_dict({"model": saved.to_dict()["model"], "train": base.to_dict()["train"]})
             overrides = [f"--init={src}"] + overrides
-    args = [f"--stage={stage}"] + _stage_base(stage, base.model.conditions) + defaults + overrides
+    args = ([f"--stage={stage}"] + stage_overrides(st, base.model.conditions) + list(st.preset_defaults.get(preset, ()))
+            + overrides)
     return apply_overrides(base, args)
 
 
@@ -196,45 +187,6 @@ def check_batch(cfg: Config, world: int) -> int:
     return per_rank
 
 
-# ------------------------------------------------------------------------------- run folders
-
-def make_run_dir(cfg: Config, d: Dist) -> Path:
-    """runs/NNN-STAGE-PRESET inside --out; --out that is itself a run folder needs --force."""
-    out = Path(cfg.train.out)
-    if (out / "config.json").exists():
-        if not cfg.train.force:
-            try:
-                old = json.loads((out / "config.json").read_text())["train"]
-                what = f"a '{old.get('stage')}' run"
-            except (OSError, ValueError, KeyError):
-                what = "a run"
-            raise TrainError(f"--out={out} already holds {what} (config.json); continue it with --resume={out}, "
-                             f"choose another --out (a parent folder such as runs), or pass --force to train into it")
-        old = ckpt.list_checkpoints(out)
-        if old and d.main:   # --force: a new run here; its old checkpoints must not be taken for this run's
-            log(d, f"--force: deleting {len(old)} checkpoint(s) of the previous run in {out}")
-            for step, w in old:
-                for f in (w, ckpt.state_path(out, step)):
-                    f.unlink(missing_ok=True)
-        d.barrier()
-        return out
-    if out.exists() and not out.is_dir():
-        raise TrainError(f"--out={out} is a file, not a folder")
-    name = None
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        nums = [int(p.name.split("-")[0]) for p in out.iterdir() if p.is_dir() and p.name.split("-")[0].isdigit()]
-        n = max(nums, default=-1) + 1
-        while True:
-            name = f"{n:03d}-{cfg.train.stage}-{cfg.model.preset}"
-            try:
-                (out / name).mkdir()
-                break
-            except FileExistsError:
-                n += 1
-    return out / d.broadcast(name)
-
-
 def describe_params(model, trainable) -> str:
     n_all = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for _, p in trainable)
@@ -248,18 +200,19 @@ def train(cfg: Config, d: Dist) -> Path:
     t, m = cfg.train, cfg.model
     per_rank = check_batch(cfg, d.world)
     resume = ckpt.find_resume(t.resume) if t.resume else None
+    stage = get_stage(t.stage)
     dataset = make_dataset(cfg, "train")                         # check the data before building anything
-    if t.stage != "vae" and resume is None:
+    if resume is None:
         resolve_encoder_files(cfg, log=lambda *a: log(d, *a))    # CLIP / MedSAM files (tokenizer) by stage
     torch.manual_seed(t.seed)                                    # same init on every rank
     model = build_model(cfg)
-    if ("text" in m.conditions and m.text_encoder == "clip" and t.stage != "vae"
+    if (stage.model == "ldm" and "text" in m.conditions and m.text_encoder == "clip"
             and model.text_encoder.tokenizer is None):
         raise TrainError("the CLIP text encoder has no tokenizer: pass --text_weights=PATH, where PATH (or a tokenizer/ "
                          "folder beside it) holds vocab.json + merges.txt, e.g. an SD1.5 diffusers folder")
     init_model(model, cfg, log=lambda *a: log(d, *a))            # --init / --vae weights, then freezing
     model.to(d.device)
-    if t.stage != "vae":                                         # latents + prior tokens once, not every step
+    if stage.model == "ldm":                                     # latents + prior tokens once, not every step
         key = ensure_cache(model, cfg, d, log=lambda *a: log(d, *a))
         if key is not None:
             dataset = make_dataset(cfg, "train", cache=key)
@@ -269,27 +222,39 @@ def train(cfg: Config, d: Dist) -> Path:
     opt = torch.optim.AdamW([p for _, p in trainable], lr=t.lr, betas=tuple(t.adam_betas),
                             weight_decay=t.weight_decay)
     ema = ckpt.EMA(trainable, t.ema_halflife_steps, t.ema_rampup)
-    scaler = torch.amp.GradScaler(d.device.type, enabled=False)   # bf16 needs no loss scaling
-    step, bad_total = 0, 0
+    step, bad_total = 0, 0                                       # (bf16 needs no GradScaler)
     gen = torch.Generator(device=d.device).manual_seed(t.seed + 1_000 * d.rank)  # anything not per-sample
-    if resume is not None:
-        run_dir = resume[0].parent
-        w = ckpt.read_weights(resume[0])
-        model.load_model_state(w.model, what=str(resume[0]))
-        ema.load_state_dict(w.ema)
-        state = ckpt.load_state(resume[1])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, bad_total = int(state["step"]), int(state.get("bad_steps", 0))
-        rng = state["rng"]
-        if state.get("world", 1) != d.world:
-            log(d, f"note: resumed with {d.world} processes, saved with {state.get('world')}: RNG streams differ")
-        ckpt.restore_rng(rng[min(d.rank, len(rng) - 1)], {"gen": gen})
-        log(d, f"resumed {resume[0]} at step {step}")
-    else:
-        run_dir = make_run_dir(cfg, d)
+    run_dir, lock = open_run(cfg, d, resume[0].parent if resume else None, log=lambda *a: log(d, *a))
+    try:
+        if resume is not None:
+            step, bad_total = _resume(resume, model, ema, opt, gen, d)
+        return _fit(cfg, d, model, dataset, trainable, opt, ema, gen, step, bad_total, run_dir, per_rank)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _resume(resume, model, ema, opt, gen, d) -> tuple[int, int]:
+    """Load a resume state (weights, EMA, optimizer, RNG); returns (step, non-finite steps so far)."""
+    w = ckpt.read_weights(resume[0])
+    model.load_model_state(w.model, what=str(resume[0]))
+    ema.load_state_dict(w.ema)
+    state = ckpt.load_state(resume[1])
+    opt.load_state_dict(state["optimizer"])          # a "scaler" entry of older states is ignored
+    step, bad_total = int(state["step"]), int(state.get("bad_steps", 0))
+    rng = state["rng"]
+    if state.get("world", 1) != d.world:
+        log(d, f"note: resumed with {d.world} processes, saved with {state.get('world')}: RNG streams differ")
+    ckpt.restore_rng(rng[min(d.rank, len(rng) - 1)], {"gen": gen})
+    log(d, f"resumed {resume[0]} at step {step}")
+    return step, bad_total
+
+
+def _fit(cfg: Config, d: Dist, model, dataset, trainable, opt, ema, gen, step, bad_total, run_dir, per_rank) -> Path:
+    """The loop: from `step` to max_steps, checkpoints, logs and previews into run_dir."""
+    t, m = cfg.train, cfg.model
     if d.main:
-        ckpt.atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
+        atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
     log(d, f"run {run_dir}  stage={t.stage} preset={m.preset}  {describe_params(model, trainable)}")
     log(d, f"batch {t.batch_size} = {per_rank} per rank x {t.grad_accum} accumulation x {d.world} processes; "
            f"{len(dataset)} training items; device {d.device}")
@@ -302,8 +267,6 @@ def train(cfg: Config, d: Dist) -> Path:
             find_unused_parameters=False)    # every trainable weight is in every step's graph (freeze_for_stage)
     sampler = EpochSampler(len(dataset), per_rank, d.world, d.rank, t.grad_accum, t.seed, start_step=step)
     batches = iter(make_loader(dataset, sampler, t.num_workers, t.seed))
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda"
-                else contextlib.nullcontext())
     writer = None
     if d.main:
         from torch.utils.tensorboard import SummaryWriter
@@ -316,7 +279,7 @@ def train(cfg: Config, d: Dist) -> Path:
     params = [p for _, p in trainable]
     bad_run, last_log, t_log = 0, step, time.time()
     loss_sum = torch.zeros((), device=d.device)
-    items_per_step = t.batch_size * (dataset.frames_per_item if hasattr(dataset, "frames_per_item") else 1)
+    items_per_step = t.batch_size * dataset.frames_per_item
     losses = []
     model.train()
     while step < t.max_steps:
@@ -328,7 +291,7 @@ def train(cfg: Config, d: Dist) -> Path:
             batch = to_device(next(batches), d.device)
             sync = micro == t.grad_accum - 1 or not d.enabled
             with (contextlib.nullcontext() if sync else net.no_sync()):
-                with autocast:
+                with autocast(d.device):
                     loss, _ = net(batch)
                 (loss / t.grad_accum).backward()
             loss_acc += loss.detach().float() / t.grad_accum
@@ -388,7 +351,7 @@ def train(cfg: Config, d: Dist) -> Path:
             else:
                 rngs = [rng]
             if d.main:
-                state = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                state = {"optimizer": opt.state_dict(), "step": step,
                          "data": sampler.position(step), "rng": rngs, "world": d.world, "bad_steps": bad_total}
                 ckpt.save_checkpoint(run_dir, step, model.state_dict(), ema.state_dict(), cfg, state,
                                      keep=t.keep_ckpts)
@@ -409,7 +372,7 @@ def train(cfg: Config, d: Dist) -> Path:
     if writer is not None:
         writer.close()
     if d.main:
-        ckpt.atomic_write_text(run_dir / "loss.json", json.dumps(losses) + "\n")
+        atomic_write_text(run_dir / "loss.json", json.dumps(losses) + "\n")
         if losses:
             shown = losses[:: max(1, len(losses) // 12)]
             shown += [losses[-1]] if shown[-1] != losses[-1] else []
@@ -433,10 +396,10 @@ def run(argv: list[str]) -> int:
         t0 = time.time()
         check_batch(cfg, d.world)                 # before any work (the VAE of a pretrain run too)
         log(d, f"config ({stage}, preset {cfg.model.preset}): " + json.dumps(cfg.to_dict(), separators=(",", ":")))
-        if stage == "seg":
+        if get_stage(stage).model == "seg":
             return _train_segmenter(cfg, d)
-        prepare_data(cfg, d, PHANTOM, log=lambda *a: log(d, *a))
-        if stage == "pretrain" and not cfg.train.vae and not cfg.train.resume and not cfg.train.init:
+        prepare_data(cfg, d, log=lambda *a: log(d, *a))
+        if get_stage(stage).vae_first and not cfg.train.vae and not cfg.train.resume and not cfg.train.init:
             # rank 0 decides for all, as with every look at the disk that leads to a collective
             vae_run = d.broadcast(find_run(cfg.train.out, "vae", cfg.model.preset) if d.main else None)
             if vae_run is None:
@@ -462,17 +425,18 @@ def _vae_overrides(cfg: Config, overrides: list[str]) -> list[str]:
 
 
 def _train_segmenter(cfg: Config, d: Dist) -> int:
-    from heartbeat.data import find_split
-    from heartbeat.segmenter import save_segmenter, train_segmenter
     if d.world > 1:
         raise TrainError("the seg stage runs on one process; use python tools/train.py --stage=seg")
-    prepare_data(cfg, d, PHANTOM, log=print)
-    run_dir = make_run_dir(cfg, d)
-    ckpt.atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
-    model = train_segmenter(find_split(cfg.train.data, "train"), steps=cfg.train.max_steps,
-                            size=cfg.model.image_size, seed=cfg.train.seed, batch_size=cfg.train.batch_size,
-                            classes=cfg.model.mask_classes, log=print)
-    save_segmenter(model, run_dir / "segmenter.safetensors")
+    prepare_data(cfg, d, log=print)
+    run_dir, lock = open_run(cfg, d)
+    try:
+        atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
+        model = train_segmenter(find_split(cfg.train.data, "train"), steps=cfg.train.max_steps,
+                                size=cfg.model.image_size, seed=cfg.train.seed, batch_size=cfg.train.batch_size,
+                                classes=cfg.model.mask_classes, log=print)
+        save_segmenter(model, run_dir / "segmenter.safetensors")
+    finally:
+        lock.release()
     print(f"wrote {run_dir / 'segmenter.safetensors'}")
     return 0
 
