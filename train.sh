@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # bash train.sh {vae|pretrain|finetune|cmr|seg} [--key=value ...]
-# Runs tools/train.py under torchrun on every visible GPU (1 process on CPU).
+# Runs tools/train.py on every visible GPU (1 process on CPU), across nodes when NNODES is set:
+# tools/launch.py reads NPROC, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (or RDZV_ENDPOINT).
 # Installs what it needs on first run (scripts/env.sh).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -9,8 +10,4 @@ if [ $# -lt 1 ] || [[ "$1" == -* ]]; then
 fi
 stage="$1"; shift
 . scripts/env.sh
-nproc="${NPROC:-$(python -c 'import torch;print(max(1, torch.cuda.device_count()))')}"
-if [ "$nproc" -gt 1 ]; then
-  exec torchrun --standalone --nproc_per_node="$nproc" tools/train.py --stage="$stage" "$@"
-fi
-exec python tools/train.py --stage="$stage" "$@"
+exec python tools/launch.py tools/train.py --stage="$stage" "$@"

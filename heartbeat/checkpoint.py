@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .config import Config
 from .utils import atomic_write
@@ -178,6 +180,19 @@ def state_path(run_dir, step: int) -> Path:
     return Path(run_dir) / f"state-{step:07d}.pt"
 
 
+def sharded_state_path(run_dir, step: int) -> Path:
+    """The resume state of a sharded (FSDP) run: a torch.distributed.checkpoint folder."""
+    return Path(run_dir) / f"state-{step:07d}"
+
+
+def resume_state_of(run_dir, step: int) -> Path | None:
+    """The resume state of a step, a state-N.pt file or a complete state-N/ folder, or None."""
+    for p in (state_path(run_dir, step), sharded_state_path(run_dir, step)):
+        if p.is_file() or (p.is_dir() and (p / ".metadata").is_file()):
+            return p
+    return None
+
+
 def find_weights(path_or_run) -> Path:
     """A weights file: the file itself, or the newest ckpt-*.safetensors of a run folder."""
     p = Path(path_or_run)
@@ -192,7 +207,8 @@ def find_weights(path_or_run) -> Path:
 
 
 def find_resume(path_or_run) -> tuple[Path, Path]:
-    """(weights, state) of the newest step that has both files; a file names its own step."""
+    """(weights, state) of the newest step that has both (the state a state-N.pt file or a sharded
+    state-N/ folder); a file names its own step."""
     p = Path(path_or_run)
     if p.is_file():
         m = re.search(r"(\d+)\.(safetensors|pt)$", p.name)
@@ -205,9 +221,10 @@ def find_resume(path_or_run) -> tuple[Path, Path]:
     else:
         raise CheckpointError(f"--resume={p}: no such run folder or checkpoint")
     for step, w in reversed(pairs):
-        if w.exists() and state_path(run, step).exists():
-            return w, state_path(run, step)
-    raise CheckpointError(f"--resume={p}: no step with both ckpt-N.safetensors and state-N.pt in {run}")
+        state = resume_state_of(run, step)
+        if w.exists() and state is not None:
+            return w, state
+    raise CheckpointError(f"--resume={p}: no step with both ckpt-N.safetensors and state-N.pt (or state-N/) in {run}")
 
 
 def remove_checkpoints(run_dir, steps) -> None:
@@ -216,6 +233,8 @@ def remove_checkpoints(run_dir, steps) -> None:
     for step in steps:
         for f in (weights_path(run_dir, step), state_path(run_dir, step)):
             f.unlink(missing_ok=True)
+        if sharded_state_path(run_dir, step).is_dir():
+            shutil.rmtree(sharded_state_path(run_dir, step))
 
 
 def prune(run_dir, keep: int) -> None:
@@ -225,12 +244,14 @@ def prune(run_dir, keep: int) -> None:
 
 
 def save_checkpoint(run_dir, step: int, model_state: dict, ema_state: dict, cfg: Config,
-                    resume_state: dict, keep: int = 3, extra: dict | None = None) -> Path:
-    """Weights then resume state, each atomic; then prune to the last `keep` pairs."""
+                    resume_state: dict | None, keep: int = 3, extra: dict | None = None) -> Path:
+    """Weights then resume state (None: the caller writes a sharded one after), each atomic; then
+    prune to the last `keep` pairs."""
     w = weights_path(run_dir, step)
     save_weights(w, model_state, ema_state, cfg, step, extra)
-    atomic_write(state_path(run_dir, step), lambda tmp: torch.save(resume_state, tmp))
-    prune(run_dir, keep)
+    if resume_state is not None:
+        atomic_write(state_path(run_dir, step), lambda tmp: torch.save(resume_state, tmp))
+        prune(run_dir, keep)
     return w
 
 
@@ -270,11 +291,15 @@ class EMA:
         return dict(self.shadow)
 
     def load_state_dict(self, state: dict) -> None:
+        """Full tensors; into sharded shadows (DTensor, an FSDP run) each rank takes its shard."""
         missing = set(self.shadow) - set(state)
         if missing:
             raise CheckpointError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
-        for n in self.shadow:
-            self.shadow[n].copy_(state[n].float())
+        for n, s in self.shadow.items():
+            v = state[n].float()
+            if isinstance(s, DTensor) and not isinstance(v, DTensor):
+                v = distribute_tensor(v.to(s.device), s.device_mesh, s.placements)
+            s.copy_(v)
 
 
 # --------------------------------------------------------------------------------------- RNG

@@ -33,6 +33,8 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -99,6 +101,37 @@ class LocalEncoder(nn.Module):
         return self.net(x)
 
 
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are those of the global batch: under data parallelism
+    (DDP, FSDP) every process's per-channel sum, sum of squares and count are all-reduced, through
+    the differentiable all_reduce so the backward is the global batch's too. One process (or eval
+    mode) is exactly nn.BatchNorm1d. torch's SyncBatchNorm does the same on GPUs only; this one runs
+    wherever torch.distributed does (gloo on the CPU too), with the same state-dict names."""
+
+    def forward(self, x):
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        C = x.shape[1]
+        dims = [0] + list(range(2, x.ndim))
+        xf = x.float()
+        count = torch.full((1,), x.numel() // C, dtype=torch.float32, device=x.device)
+        stats = dist_nn.all_reduce(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
+        n = stats[-1]
+        mean = stats[:C] / n
+        var = (stats[C:2 * C] / n - mean * mean).clamp_min(0)      # biased, as BatchNorm normalises
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
+                self.running_var.lerp_((var * n / (n - 1).clamp_min(1)).to(self.running_var.dtype), m)
+        shape = [1, C] + [1] * (x.ndim - 2)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
 class GlobalAdapter(nn.Module):
     """Image-prior tokens -> text-context tokens (the paper's BatchNorm -> Conv -> Linear -> LayerNorm).
 
@@ -106,13 +139,16 @@ class GlobalAdapter(nn.Module):
         norm  BatchNorm1d(prior_dim) over the feature axis (statistics over batch and tokens);
         conv  Conv1d(prior_tokens, text_tokens, 1): each output token mixes the prior tokens;
         proj  Linear(prior_dim, context_dim);  ln  LayerNorm(context_dim).
-    BatchNorm makes training-mode outputs depend on the batch; eval mode does not.
+    BatchNorm makes training-mode outputs depend on the batch; eval mode does not. Under data
+    parallelism its statistics are the global batch's (GlobalBatchNorm1d), so N processes train the
+    same model as one process with the whole batch: the paper's BatchNorm is kept, and a small
+    per-GPU batch does not make it noisy.
     """
 
     def __init__(self, cfg):
         super().__init__()
         self.prior_tokens, self.prior_dim = cfg.prior_tokens, cfg.prior_dim
-        self.norm = nn.BatchNorm1d(cfg.prior_dim)
+        self.norm = GlobalBatchNorm1d(cfg.prior_dim)
         self.conv = nn.Conv1d(cfg.prior_tokens, cfg.text_tokens, 1)
         self.proj = nn.Linear(cfg.prior_dim, cfg.context_dim)
         self.ln = nn.LayerNorm(cfg.context_dim)

@@ -127,6 +127,8 @@ class TrainConfig:
     max_bad_steps: int = 20         # consecutive non-finite steps before training stops
     cache: bool = True              # latent + prior-token cache beside the split file (frozen encoders run
                                     # once per frame, not every step); false: encode every step
+    shard: str = "ddp"              # ddp: every rank holds the model; fsdp: FSDP2 shards weights, gradients and
+                                    # optimiser state over the ranks (heartbeat/sharding.py)
     force: bool = False
 
 
@@ -256,6 +258,8 @@ def validate(cfg: Config) -> None:
     m, t = cfg.model, cfg.train
     if m.attn_backend not in ATTN_BACKENDS:
         raise ConfigError(f"--attn_backend={m.attn_backend}: choose one of {', '.join(ATTN_BACKENDS)}")
+    if t.shard not in ("ddp", "fsdp"):
+        raise ConfigError(f"--shard={t.shard}: choose one of ddp, fsdp")
     if t.stage not in STAGES:
         raise ConfigError(f"--stage={t.stage}: choose one of {', '.join(STAGES)}")
     bad = [c for c in m.conditions if c not in CONDITIONS]

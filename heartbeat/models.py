@@ -170,8 +170,10 @@ class LatentDiffusion(TrainModel):
     def loss(self, batch):
         """The denoising loss of a data batch (frames or clips), with per-sample condition dropout."""
         m = self.cfg.model
-        x = batch["video"] if "video" in batch else batch["image"]
-        z0 = batch["latent"] if batch.get("latent") is not None else self.encode(x)
+        if batch.get("latent") is not None:          # the encoder cache
+            z0 = batch["latent"]
+        else:
+            z0 = self.encode(batch["video"] if "video" in batch else batch["image"])
         B = z0.shape[0]
         gens = per_sample_generators(batch["seed"])
         keeps = [self.conditioner.sample_keep(1, g) for g in gens]

@@ -242,3 +242,53 @@ def test_bad_input_raises_clear_errors():
         cond(dict(b, mask=batch(cfg, frames=2)["mask"], mv=batch(cfg, frames=3)["mv"]))
     with pytest.raises(ValueError, match="cond_channels"):
         LocalEncoder(1, small_cfg(cond_channels=(8, 8, 8, 8)))
+
+
+def _global_bn_rank(rank, world, init, x, dy, out):
+    import torch.distributed as dist
+    from heartbeat.conditions import GlobalBatchNorm1d
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    bn = GlobalBatchNorm1d(x.shape[1])
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    part = x.chunk(world)[rank].clone().requires_grad_(True)
+    y = bn.train()(part)
+    (y * dy.chunk(world)[rank]).sum().backward()
+    for p in bn.parameters():
+        dist.all_reduce(p.grad)                      # what DDP does (sum; the global loss is the sum here)
+    torch.save({"y": y.detach(), "dx": part.grad, "dw": bn.weight.grad, "db": bn.bias.grad,
+                "rm": bn.running_mean, "rv": bn.running_var}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_global_batchnorm_is_the_whole_batchs_batchnorm(tmp_path):
+    """2 gloo processes with half a batch each == one nn.BatchNorm1d on the whole batch: outputs, input
+    and parameter gradients, running statistics (so DDP / FSDP train the adapter as one process does)."""
+    import torch.multiprocessing as mp
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 5, 7, generator=g) * 3 + 1
+    dy = torch.randn(6, 5, 7, generator=g)
+    mp.spawn(_global_bn_rank, args=(2, f"file://{tmp_path}/store", x, dy, str(tmp_path)), nprocs=2)
+    torch.manual_seed(0)
+    ref = torch.nn.BatchNorm1d(5)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.uniform_(-0.5, 0.5)
+    xr = x.clone().requires_grad_(True)
+    y = ref.train()(xr)
+    (y * dy).sum().backward()
+    got = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    torch.testing.assert_close(torch.cat([o["y"] for o in got]), y.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([o["dx"] for o in got]), xr.grad, atol=1e-5, rtol=1e-5)
+    for o in got:
+        torch.testing.assert_close(o["dw"], ref.weight.grad, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(o["db"], ref.bias.grad, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(o["rm"], ref.running_mean, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(o["rv"], ref.running_var, atol=1e-5, rtol=1e-5)
+    # a plain per-process BatchNorm would not match: the halves' statistics differ
+    half = torch.nn.BatchNorm1d(5)
+    half.load_state_dict({**ref.state_dict(), "running_mean": torch.zeros(5), "running_var": torch.ones(5),
+                          "num_batches_tracked": torch.tensor(0)})
+    assert (half.train()(x[:3]) - y[:3]).abs().max() > 1e-2

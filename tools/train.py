@@ -1,6 +1,7 @@
 """Train HeartBeat: one stage per run, one plain loop (nanoGPT train.py / EDM training_loop.py).
 
     bash train.sh pretrain                                 # the newcomer's run: phantom -> VAE -> stage 1
+    python tools/train.py --stage=finetune --preset=sd15 --plan=1,4,8   # per-rank memory, ddp vs fsdp
     python tools/train.py --stage=vae --preset=tiny --max_steps=800
     torchrun --standalone --nproc_per_node=8 tools/train.py --stage=pretrain --preset=sd15 \
         --data=data/camus --vae=sd15/vae.safetensors --batch_size=64
@@ -31,7 +32,6 @@ heartbeat/diffusion.py (training_loss) -> heartbeat/unet.py.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -48,10 +48,13 @@ import torch.distributed as dist  # noqa: E402
 
 from heartbeat import checkpoint as ckpt  # noqa: E402
 from heartbeat.config import PRESETS, ConfigError, Config, apply_overrides, get_config  # noqa: E402
+from heartbeat.distributed import Dist, check_shared_storage  # noqa: E402
 from heartbeat.data import EpochSampler, ensure_cache, find_split, make_dataset, make_loader, prepare_data  # noqa: E402
 from heartbeat.models import build_model  # noqa: E402
 from heartbeat.preview import preview, write_png  # noqa: E402
 from heartbeat.segmenter import save_segmenter, train_segmenter  # noqa: E402
+from heartbeat.sharding import (Parallel, grad_norm, load_optimizer_state, load_sharded_meta,  # noqa: E402
+                                save_sharded_state)
 from heartbeat.runs import TrainError, find_run, init_model, open_run, resolve_encoder_files  # noqa: E402
 from heartbeat.stages import get_stage, stage_overrides  # noqa: E402
 from heartbeat.utils import atomic_write_text, autocast, to_device  # noqa: E402
@@ -66,52 +69,7 @@ def lr_at(step: int, lr: float, warmup: int, max_steps: int) -> float:
     return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-# ------------------------------------------------------------------------------- distributed
-
-class Dist:
-    """rank / world / device; DDP only when torchrun set RANK (nccl on GPU, gloo on CPU)."""
-
-    def __init__(self):
-        self.enabled = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) >= 1 and "LOCAL_RANK" in os.environ
-        self.rank = int(os.environ.get("RANK", 0)) if self.enabled else 0
-        self.world = int(os.environ.get("WORLD_SIZE", 1)) if self.enabled else 1
-        self.local = int(os.environ.get("LOCAL_RANK", 0)) if self.enabled else 0
-        if torch.cuda.is_available():
-            self.device = torch.device("cuda", self.local)
-            torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
-        if self.enabled and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.main = self.rank == 0
-
-    def barrier(self):
-        if self.enabled:
-            dist.barrier()
-
-    def broadcast(self, obj):
-        if not self.enabled:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def all_ok(self, ok: bool, message: str = "") -> None:
-        """Raise TrainError on every rank if any rank failed (keeps ranks from hanging)."""
-        if not self.enabled:
-            if not ok:
-                raise TrainError(message)
-            return
-        flags = [None] * self.world
-        dist.all_gather_object(flags, (ok, message))
-        bad = [m for o, m in flags if not o]
-        if bad:
-            raise TrainError(bad[0])
-
-    def close(self):
-        if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
-
+# ------------------------------------------------------------------------------------- output
 
 def log(d: Dist, *args):
     if d.main:
@@ -121,11 +79,14 @@ def log(d: Dist, *args):
 # -------------------------------------------------------------------------------- config
 
 def parse_args(argv: list[str]) -> tuple[str, str | None, list[str]]:
-    """-> (stage, preset or None, the other --key=value overrides)."""
+    """-> (stage, preset or None, the other --key=value overrides). --plan[=1,4,8] is kept in the
+    overrides for run() to see."""
     stage, preset, rest = None, None, []
     for a in argv:
         key = a[2:].partition("=")[0].replace("-", "_") if a.startswith("--") else ""
-        if key == "stage":
+        if key == "plan":
+            rest.append(a)
+        elif key == "stage":
             stage = a.partition("=")[2]
         elif key == "preset":
             preset = a.partition("=")[2]
@@ -216,6 +177,9 @@ def train(cfg: Config, d: Dist) -> Path:
         key = ensure_cache(model, cfg, d, log=lambda *a: log(d, *a))
         if key is not None:
             dataset = make_dataset(cfg, "train", cache=key)
+    if resume is not None:                                       # the weights before any wrapping
+        model.load_model_state(ckpt.read_weights(resume[0]).model, what=str(resume[0]))
+    par = Parallel(model, d, t.shard)                            # DDP, or FSDP2 units sharded over the ranks
     trainable = model.trainable_parameters()
     if not trainable:
         raise TrainError(f"stage {t.stage}: nothing to train (no parameter requires grad)")
@@ -227,20 +191,23 @@ def train(cfg: Config, d: Dist) -> Path:
     run_dir, lock = open_run(cfg, d, resume[0].parent if resume else None, log=lambda *a: log(d, *a))
     try:
         if resume is not None:
-            step, bad_total = _resume(resume, model, ema, opt, gen, d)
-        return _fit(cfg, d, model, dataset, trainable, opt, ema, gen, step, bad_total, run_dir, per_rank)
+            step, bad_total = _resume(resume, model, ema, opt, gen, d, [n for n, _ in trainable])
+        return _fit(cfg, d, model, par, dataset, trainable, opt, ema, gen, step, bad_total, run_dir, per_rank)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _resume(resume, model, ema, opt, gen, d) -> tuple[int, int]:
-    """Load a resume state (weights, EMA, optimizer, RNG); returns (step, non-finite steps so far)."""
-    w = ckpt.read_weights(resume[0])
-    model.load_model_state(w.model, what=str(resume[0]))
-    ema.load_state_dict(w.ema)
-    state = ckpt.load_state(resume[1])
-    opt.load_state_dict(state["optimizer"])          # a "scaler" entry of older states is ignored
+def _resume(resume, model, ema, opt, gen, d, names) -> tuple[int, int]:
+    """Load a resume state (EMA, optimizer, RNG; the weights are in already); returns (step, non-finite
+    steps so far). A state-N.pt (DDP, one process) or state-N/ (FSDP) state, at any world size."""
+    ema.load_state_dict(ckpt.read_weights(resume[0]).ema)
+    if resume[1].is_dir():
+        state = load_sharded_meta(resume[1])
+        load_optimizer_state(resume[1], model, opt, names)
+    else:
+        state = ckpt.load_state(resume[1])
+        load_optimizer_state(state["optimizer"], model, opt, names)   # a "scaler" entry of older states is ignored
     step, bad_total = int(state["step"]), int(state.get("bad_steps", 0))
     rng = state["rng"]
     if state.get("world", 1) != d.world:
@@ -250,7 +217,7 @@ def _resume(resume, model, ema, opt, gen, d) -> tuple[int, int]:
     return step, bad_total
 
 
-def _fit(cfg: Config, d: Dist, model, dataset, trainable, opt, ema, gen, step, bad_total, run_dir, per_rank) -> Path:
+def _fit(cfg: Config, d: Dist, model, par, dataset, trainable, opt, ema, gen, step, bad_total, run_dir, per_rank) -> Path:
     """The loop: from `step` to max_steps, checkpoints, logs and previews into run_dir."""
     t, m = cfg.train, cfg.model
     if d.main:
@@ -259,12 +226,7 @@ def _fit(cfg: Config, d: Dist, model, dataset, trainable, opt, ema, gen, step, b
     log(d, f"batch {t.batch_size} = {per_rank} per rank x {t.grad_accum} accumulation x {d.world} processes; "
            f"{len(dataset)} training items; device {d.device}")
 
-    loss_module = model.loss_module()
-    net = loss_module
-    if d.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(
-            loss_module, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-            find_unused_parameters=False)    # every trainable weight is in every step's graph (freeze_for_stage)
+    net = par.net
     sampler = EpochSampler(len(dataset), per_rank, d.world, d.rank, t.grad_accum, t.seed, start_step=step)
     batches = iter(make_loader(dataset, sampler, t.num_workers, t.seed))
     writer = None
@@ -289,13 +251,12 @@ def _fit(cfg: Config, d: Dist, model, dataset, trainable, opt, ema, gen, step, b
         loss_acc = torch.zeros((), device=d.device)
         for micro in range(t.grad_accum):
             batch = to_device(next(batches), d.device)
-            sync = micro == t.grad_accum - 1 or not d.enabled
-            with (contextlib.nullcontext() if sync else net.no_sync()):
+            with par.sync(micro == t.grad_accum - 1):
                 with autocast(d.device):
                     loss, _ = net(batch)
                 (loss / t.grad_accum).backward()
             loss_acc += loss.detach().float() / t.grad_accum
-        gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+        gnorm = grad_norm(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
         finite = bool(torch.isfinite(gnorm)) and bool(torch.isfinite(loss_acc))
         if d.enabled:                                     # every rank takes the same decision
             flag = torch.tensor([0.0 if finite else 1.0], device=d.device)
@@ -350,21 +311,30 @@ def _fit(cfg: Config, d: Dist, model, dataset, trainable, opt, ema, gen, step, b
                 dist.all_gather_object(rngs, rng)
             else:
                 rngs = [rng]
+            meta = {"step": step, "data": sampler.position(step), "rng": rngs, "world": d.world,
+                    "bad_steps": bad_total}
+            weights, ema_state = model.state_dict(), ema.state_dict()
+            if par.sharded:                       # full tensors gathered on rank 0 (every rank takes part)
+                weights, ema_state = par.gather(weights), par.gather(ema_state)
             if d.main:
-                state = {"optimizer": opt.state_dict(), "step": step,
-                         "data": sampler.position(step), "rng": rngs, "world": d.world, "bad_steps": bad_total}
-                ckpt.save_checkpoint(run_dir, step, model.state_dict(), ema.state_dict(), cfg, state,
-                                     keep=t.keep_ckpts)
+                ckpt.save_checkpoint(run_dir, step, weights, ema_state, cfg,
+                                     None if par.sharded else dict(meta, optimizer=opt.state_dict()), keep=t.keep_ckpts)
+            if par.sharded:                       # each rank its shard of the optimizer state
+                save_sharded_state(ckpt.sharded_state_path(run_dir, step), model, opt, meta, d)
+                if d.main:
+                    ckpt.prune(run_dir, t.keep_ckpts)
+            del weights, ema_state
             d.barrier()
-        if d.main and t.sample_every > 0 and step % t.sample_every == 0 and step < t.max_steps:
+        previews = d.main or par.collective_previews
+        if previews and t.sample_every > 0 and step % t.sample_every == 0 and step < t.max_steps:
             img = preview(model, ema, cfg, d.device)
-            if img is not None:
+            if img is not None and d.main:
                 write_png(run_dir / "samples" / f"step-{step:07d}.png", img)
                 writer.add_image("samples", img, step)
     if bar is not None:
         bar.close()
+    img = preview(model, ema, cfg, d.device, final=True) if (d.main or par.collective_previews) else None
     if d.main:                                    # the final picture, from the EMA weights
-        img = preview(model, ema, cfg, d.device, final=True)
         if img is not None:
             write_png(run_dir / "samples.png", img)
             writer.add_image("samples", img, step)
@@ -390,7 +360,14 @@ def _peak_rss_gib() -> float:
 
 def run(argv: list[str]) -> int:
     stage, preset, overrides = parse_args(argv)
+    plan = [a for a in overrides if a.split("=")[0] == "--plan"]
+    overrides = [a for a in overrides if a not in plan]
     cfg = resolve_config(stage, preset, overrides)
+    if plan:                                      # the memory model: nothing is trained or written
+        from heartbeat.memory import format_plan, memory_plan
+        worlds = tuple(int(w) for w in (plan[-1].partition("=")[2] or "1,4,8").split(","))
+        print(format_plan(memory_plan(cfg), worlds))
+        return 0
     d = Dist()
     try:
         t0 = time.time()
@@ -398,6 +375,8 @@ def run(argv: list[str]) -> int:
         log(d, f"config ({stage}, preset {cfg.model.preset}): " + json.dumps(cfg.to_dict(), separators=(",", ":")))
         if get_stage(stage).model == "seg":
             return _train_segmenter(cfg, d)
+        if d.enabled:                             # rank 0 decides for all what is on disk: one storage for all
+            check_shared_storage([cfg.train.data, cfg.train.out], d)
         prepare_data(cfg, d, log=lambda *a: log(d, *a))
         if get_stage(stage).vae_first and not cfg.train.vae and not cfg.train.resume and not cfg.train.init:
             # rank 0 decides for all, as with every look at the disk that leads to a collective
