@@ -114,10 +114,12 @@ def test_fsdp_trains_what_one_process_trains_and_resumes_across_world_sizes(setu
 
 
 def test_fsdp_stage2_matches_one_process(setup):
+    """Stage 2 (only the temporal layers and the flow encoder train; the spatial UNet is sharded and
+    frozen), with gradient checkpointing inside the FSDP units: 2 ranks == one process."""
     root, pre = setup
     init = next((root / "one").glob("000-*"))
     args = TINY + ["--stage=finetune", f"--init={init}", f"--data={root / 'echo'}", "--batch_size=2",
-                   "--max_steps=2", "--ckpt_every=2", "--drop_all_prob=0.5"]
+                   "--max_steps=2", "--ckpt_every=2", "--drop_all_prob=0.5", "--grad_checkpointing=true"]
     _launch([str(ROOT / "tools" / "train.py"), *args, f"--out={root / 'f2'}", "--shard=fsdp"], nproc=2)
     run(*args, f"--out={root / 'f1'}")
     a, b = _weights(root / "f2"), _weights(root / "f1")

@@ -120,6 +120,17 @@ def test_resume_is_exact_for_the_diffusion_model(chain, data, tmp_path):
     assert not bad, bad[:5]
 
 
+def test_a_resumed_stage2_run_reads_the_cache_of_its_own_vae(chain, data, tmp_path):
+    """Resuming starts from the run's own weights before the encoder cache is keyed: a stage-2 resume
+    reuses the cache its VAE wrote, not a new one keyed on a randomly initialised VAE."""
+    shutil.copytree(data / "echo", tmp_path / "echo")
+    shutil.copytree(chain / "002-finetune-tiny", tmp_path / "fin")
+    before = sorted(p.name for p in (tmp_path / "echo").glob("train.cache-*.h5"))
+    run("--stage=finetune", f"--resume={tmp_path / 'fin'}", f"--data={tmp_path / 'echo'}", "--max_steps=4")
+    assert sorted(p.name for p in (tmp_path / "echo").glob("train.cache-*.h5")) == before and len(before) == 1
+    assert ckpt.read_weights(ckpt.find_weights(tmp_path / "fin")).meta["step"] == "4"
+
+
 def test_loss_falls_when_overfitting(data, tmp_path):
     import json
     run("--stage=vae", *TINY, f"--data={data / 'echo'}", f"--out={tmp_path}", "--batch_size=4",

@@ -172,13 +172,13 @@ def train(cfg: Config, d: Dist) -> Path:
         raise TrainError("the CLIP text encoder has no tokenizer: pass --text_weights=PATH, where PATH (or a tokenizer/ "
                          "folder beside it) holds vocab.json + merges.txt, e.g. an SD1.5 diffusers folder")
     init_model(model, cfg, log=lambda *a: log(d, *a))            # --init / --vae weights, then freezing
+    if resume is not None:              # the run's own weights: before the encoder cache is keyed on its VAE
+        model.load_model_state(ckpt.read_weights(resume[0]).model, what=str(resume[0]))
     model.to(d.device)
     if stage.model == "ldm":                                     # latents + prior tokens once, not every step
         key = ensure_cache(model, cfg, d, log=lambda *a: log(d, *a))
         if key is not None:
             dataset = make_dataset(cfg, "train", cache=key)
-    if resume is not None:                                       # the weights before any wrapping
-        model.load_model_state(ckpt.read_weights(resume[0]).model, what=str(resume[0]))
     par = Parallel(model, d, t.shard)                            # DDP, or FSDP2 units sharded over the ranks
     trainable = model.trainable_parameters()
     if not trainable:
