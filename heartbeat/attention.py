@@ -1,8 +1,8 @@
 """Attention (and GroupNorm+SiLU) with a backend dispatch, and the UNet's attention modules.
 
 Layout at every function here: (batch, length, heads, head_dim), the layout linear projections
-give for free (DESIGN.md §3). Backends (`ModelConfig.attn_backend`, or the environment variable
-HEARTBEAT_ATTN_BACKEND which wins):
+give for free (docs/ARCHITECTURE.md, "Tensors"). Backends (`ModelConfig.attn_backend`, or the
+environment variable HEARTBEAT_ATTN_BACKEND which wins):
 
     math      explicit softmax(q k^T * scale) v, softmax statistics in fp32; the reference
     sdpa      torch.nn.functional.scaled_dot_product_attention (PyTorch picks flash/mem-efficient/math)

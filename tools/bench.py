@@ -359,10 +359,10 @@ def cpu_smoke():
     """Tiny forward+backward of each kernel in Triton's interpreter vs a float64 reference."""
     import kernels
     kernels._interpreter_compat()
-    from kernels.attention import attention_ref
-    from kernels.dual_cross_attention import dual_cross_attention_ref
+    from kernels.spatial import attention_ref
+    from kernels.dual_cross import dual_cross_attention_ref
     from kernels.group_norm import group_norm_silu_ref
-    from kernels.temporal_attention import temporal_attention_ref
+    from kernels.temporal import temporal_attention_ref
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g)   # noqa: E731
     cases = {
