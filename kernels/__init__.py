@@ -7,6 +7,7 @@ GroupNorm(+SiLU).
     group_norm_silu(x, weight, bias, num_groups, eps=1e-5, silu=True) kernels/group_norm.py
     supports(op, *tensors) -> bool                         the dispatcher's question for `auto`
     kernels/_common.py                                     what the kernel files share (private)
+    kernels/dispatch.py, kernels/dispatch.json             when attn_backend=auto takes a kernel
     HEARTBEAT_AUTOTUNE=1                                   launch-config autotuning, kernels/tuning.py
 
 Importing this package has no side effects and does not import Triton: the kernel modules load on

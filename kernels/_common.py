@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _interpreter_compat
+from . import _interpreter_compat, tuning
 
 _interpreter_compat()   # only acts under TRITON_INTERPRET=1 (fixes for Triton's CPU interpreter)
 
@@ -302,13 +302,13 @@ def bwd_config(D, dtype):
     return bm, bn, w, (1 if dtype == torch.float32 else s)
 
 
-def tuned_config(name: str, D: int, dtype, key: tuple, candidates: dict, launch, device_ok: bool):
+def tuned_config(name: str, D: int, dtype, key_fn, candidates: dict, launch, device_ok: bool):
     """A config from kernels/tuning.py when HEARTBEAT_AUTOTUNE is on (fp16/bf16 on CUDA, or under the
-    interpreter for the tests), else None (the launcher's default)."""
-    from . import tuning
-    if dtype == torch.float32 or not tuning.enabled() or not (device_ok or interpreting()):
+    interpreter for the tests), else None (the launcher's default). key_fn() -> the shape key, only
+    computed when tuning is on."""
+    if not tuning.ENABLED or dtype == torch.float32 or not (device_ok or INTERPRETING):
         return None
-    return tuning.choose(name, (str(dtype)[6:], D) + key, candidates[bucket(D)], launch)
+    return tuning.choose(name, (str(dtype)[6:], D) + key_fn(), candidates[bucket(D)], launch)
 
 
 POISON = False  # tests set True: fresh outputs start as NaN (0x7fff.. for ints), so unwritten elements show
@@ -326,13 +326,17 @@ def empty_like(x):
     return y.fill_(float("nan")) if POISON and y.is_floating_point() else y
 
 
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")   # fixed once Triton is imported
+INT32_MAX = 2 ** 31 - 1
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return INTERPRETING
 
 
 def check_device(*tensors):
     for t in tensors:
-        if not (t.is_cuda or interpreting()):
+        if not (t.is_cuda or INTERPRETING):
             raise RuntimeError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
 
 
@@ -349,6 +353,20 @@ def check_qkv(q, k, v, name="attention"):
         raise ValueError(f"{name}: head dim {D} not in 1..{MAX_HEAD_DIM}")
     if Lq < 1 or k.shape[1] < 1 or B < 1 or H < 1:
         raise ValueError(f"{name}: empty input {tuple(q.shape)}, {tuple(k.shape)}")
+    check_int32_extent(name, q=q, k=k, v=v)
+
+
+def check_int32_extent(name, **tensors):
+    """The kernels index one (batch, head) slice with int32 offsets (row * row stride + d * d stride,
+    rows padded by up to a block); batch and head offsets are int64. Refuse a slice that would
+    overflow, naming the tensor and the fix, instead of reading the wrong memory."""
+    for which, x in tensors.items():
+        L, D = x.shape[1], x.shape[-1]
+        extent = (L + 127) * abs(x.stride(1)) + (D - 1) * abs(x.stride(-1))
+        if extent > INT32_MAX:
+            raise ValueError(f"{name}: {which} {tuple(x.shape)} with strides {tuple(x.stride())} spans {extent:,} "
+                             "elements within one (batch, head), past the kernels' int32 offsets (2**31 - 1); "
+                             "split the sequence into a larger batch, or use attn_backend=sdpa")
 
 
 def bwd_blocks(config):

@@ -30,6 +30,7 @@ import triton.language as tl
 from ._common import (BWD_CANDIDATES, DTYPES, FWD_CANDIDATES, LOG2E, attn_bwd_dkdv, branch_fwd, bucket, bwd_blocks,
                       bwd_config, check_qkv, dq_loop, empty, fwd_config, head_block, head_flags, load_rows, p_dp_tile,
                       precision, store_rows, tuned_config)
+from .tuning import pow2_bucket
 
 
 @triton.jit
@@ -210,8 +211,8 @@ def dual_bwd(q_t, k_t, v_t, q_i, k_i, v_i, lse, do, scale, sum_dq, config=None):
 class _DualCrossAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_t, k_t, v_t, q_i, k_i, v_i, scale, sum_dq, fwd_cfg, bwd_cfg):
-        key = _shape_key(q_t, k_t, k_i)
-        fwd_cfg = fwd_cfg or tuned_config("dual.fwd", q_t.shape[-1], q_t.dtype, key, FWD_CANDIDATES,
+        fwd_cfg = fwd_cfg or tuned_config("dual.fwd", q_t.shape[-1], q_t.dtype, lambda: _shape_key(q_t, k_t, k_i),
+                                          FWD_CANDIDATES,
                                           lambda c: dual_fwd(q_t, k_t, v_t, q_i, k_i, v_i, scale, c), q_t.is_cuda)
         o, lse = dual_fwd(q_t, k_t, v_t, q_i, k_i, v_i, scale, fwd_cfg)
         ctx.save_for_backward(q_t, k_t, v_t, q_i, k_i, v_i, lse)
@@ -222,7 +223,7 @@ class _DualCrossAttention(torch.autograd.Function):
     def backward(ctx, do):
         q_t, k_t, v_t, q_i, k_i, v_i, lse = ctx.saved_tensors
         bwd_cfg = ctx.bwd_cfg or tuned_config(
-            "dual.bwd", q_t.shape[-1], q_t.dtype, _shape_key(q_t, k_t, k_i), BWD_CANDIDATES,
+            "dual.bwd", q_t.shape[-1], q_t.dtype, lambda: _shape_key(q_t, k_t, k_i), BWD_CANDIDATES,
             lambda c: dual_bwd(q_t, k_t, v_t, q_i, k_i, v_i, lse, do, ctx.scale, ctx.sum_dq, c), q_t.is_cuda)
         dq_t, dq_i, dk_t, dv_t, dk_i, dv_i = dual_bwd(q_t, k_t, v_t, q_i, k_i, v_i, lse, do, ctx.scale,
                                                       ctx.sum_dq, bwd_cfg)
@@ -230,7 +231,6 @@ class _DualCrossAttention(torch.autograd.Function):
 
 
 def _shape_key(q_t, k_t, k_i) -> tuple:
-    from .tuning import pow2_bucket
     return (pow2_bucket(q_t.shape[1]), pow2_bucket(k_t.shape[1]), pow2_bucket(k_i.shape[1]),
             pow2_bucket(q_t.shape[0] * q_t.shape[2]))
 

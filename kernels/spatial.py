@@ -29,6 +29,7 @@ import triton.language as tl
 from ._common import (BWD_CANDIDATES, FWD_CANDIDATES, LOG2E, attn_bwd_dkdv, branch_fwd, bucket, bwd_blocks,
                       bwd_config, check_qkv, dq_loop, empty, fwd_config, head_block, head_flags, load_rows,
                       precision, store_rows, tuned_config)
+from .tuning import pow2_bucket
 
 # ----------------------------------------------------------------------------- forward
 
@@ -144,8 +145,8 @@ def attention_bwd(q, k, v, o, lse, do, scale, config=None):
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, fwd_cfg, bwd_cfg):
-        fwd_cfg = fwd_cfg or tuned_config("attention.fwd", q.shape[-1], q.dtype, _shape_key(q, k), FWD_CANDIDATES,
-                                          lambda c: attention_fwd(q, k, v, scale, c), q.is_cuda)
+        fwd_cfg = fwd_cfg or tuned_config("attention.fwd", q.shape[-1], q.dtype, lambda: _shape_key(q, k),
+                                          FWD_CANDIDATES, lambda c: attention_fwd(q, k, v, scale, c), q.is_cuda)
         o, lse = attention_fwd(q, k, v, scale, fwd_cfg)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale, ctx.bwd_cfg = scale, bwd_cfg
@@ -154,15 +155,15 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        bwd_cfg = ctx.bwd_cfg or tuned_config("attention.bwd", q.shape[-1], q.dtype, _shape_key(q, k), BWD_CANDIDATES,
-                                              lambda c: attention_bwd(q, k, v, o, lse, do, ctx.scale, c), q.is_cuda)
+        bwd_cfg = ctx.bwd_cfg or tuned_config(
+            "attention.bwd", q.shape[-1], q.dtype, lambda: _shape_key(q, k), BWD_CANDIDATES,
+            lambda c: attention_bwd(q, k, v, o, lse, do, ctx.scale, c), q.is_cuda)
         dq, dk, dv = attention_bwd(q, k, v, o, lse, do, ctx.scale, bwd_cfg)
         return dq, dk, dv, None, None, None
 
 
 def _shape_key(q, k) -> tuple:
     """Tuning key beyond (dtype, D): Lq, Lk and the number of (batch, head) pairs, as powers of two."""
-    from .tuning import pow2_bucket
     return (pow2_bucket(q.shape[1]), pow2_bucket(k.shape[1]), pow2_bucket(q.shape[0] * q.shape[2]))
 
 

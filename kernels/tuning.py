@@ -26,8 +26,11 @@ _best: dict = {}
 _times: dict = {}
 
 
+ENABLED = os.environ.get("HEARTBEAT_AUTOTUNE", "0") not in ("", "0")   # read once, at import
+
+
 def enabled() -> bool:
-    return os.environ.get("HEARTBEAT_AUTOTUNE", "0") not in ("", "0")
+    return ENABLED
 
 
 def pow2_bucket(n: int) -> int:

@@ -12,7 +12,7 @@ def tuning(monkeypatch):
     need_runnable()
     from kernels import tuning as T
     T.reset()
-    monkeypatch.setenv("HEARTBEAT_AUTOTUNE", "1")
+    monkeypatch.setattr(T, "ENABLED", True)   # HEARTBEAT_AUTOTUNE=1, read at import
     yield T
     T.reset()
 
@@ -47,7 +47,7 @@ def test_choose_takes_the_fastest_once_and_skips_failures(tuning):
 def test_off_by_default(monkeypatch):
     need_runnable()
     from kernels import tuning as T
-    monkeypatch.delenv("HEARTBEAT_AUTOTUNE", raising=False)
+    monkeypatch.setattr(T, "ENABLED", False)
     T.reset()
     from kernels.spatial import attention
     q = rand(1, 9, 2, 40, dtype=torch.bfloat16)
