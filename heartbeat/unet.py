@@ -37,7 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import DualCrossAttention, SelfAttention, TemporalAttention
-from .nn import Downsample, GroupNorm32, ResBlock, Upsample, checkpoint, timestep_embedding, zero_module
+from .nn import (MEMORY_FORMAT, Downsample, GroupNorm32, ResBlock, Upsample, as_layout, checkpoint,
+                 timestep_embedding, zero_module)
 
 
 class GEGLU(nn.Module):
@@ -118,10 +119,12 @@ class SpatialTransformer(nn.Module):
     def forward(self, x, text=None, image=None, frames: int = 1):
         N, C, H, W = x.shape
         h = self.proj_in(self.norm(x))
-        h = h.permute(0, 2, 3, 1).reshape(N, H * W, C)  # pixels become tokens
+        h = h.permute(0, 2, 3, 1).reshape(N, H * W, C)  # pixels become tokens (a copy from NCHW)
         for blk in self.transformer_blocks:
             h = blk(h, text, image, frames)
-        h = h.view(N, H, W, C).permute(0, 3, 1, 2)  # tokens back to (N, C, H, W)
+        # tokens back to (N, C, H, W): the permuted view has channels-last strides; left so, it would
+        # reach proj_out and, through the residual add, every later conv (weights re-laid per call)
+        h = as_layout(h.view(N, H, W, C).permute(0, 3, 1, 2))
         return self.proj_out(h) + x
 
 
@@ -190,6 +193,7 @@ class UNet(nn.Module):
         self.downsamples = len(chs) - 1
         if cfg.temporal:
             self.inflate()
+        self.to(memory_format=MEMORY_FORMAT)  # conv weights in the one layout, once (heartbeat/nn.py)
 
     # ----------------------------------------------------------------------------- video
 
@@ -264,7 +268,7 @@ class UNet(nn.Module):
         m = 2 ** self.downsamples
         if h % m or w % m:
             raise ValueError(f"z_t spatial size {h}x{w} must be divisible by {m} (2 ** downsampling levels)")
-        x = z_t.reshape(B * Fr, C, h, w)  # frames become batch
+        x = as_layout(z_t.reshape(B * Fr, C, h, w))  # frames become batch
         t = torch.as_tensor(t, device=z_t.device)
         if t.ndim == 0:
             t = t.expand(B)
@@ -293,7 +297,7 @@ class UNet(nn.Module):
             x = torch.cat([x, hs.pop()], dim=1)  # skip connection on channels
             x = checkpoint(blk, x, emb, text, image, Fr, enabled=ck)
         x = self.out(x)
-        return x.view(z_t.shape)
+        return x.reshape(z_t.shape).contiguous()  # NCHW out whatever MEMORY_FORMAT is
 
     def _check_context(self, name, c, B):
         if c is None:

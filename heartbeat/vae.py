@@ -15,7 +15,8 @@ Widths come from `ModelConfig.vae_channels` (SD1.5: 128/256/512/512, factor 8), 
     z = vae.latent_scale * post.mean      # (B, latent_channels, H/f, W/f), f = cfg.vae_factor
     x_rec = vae.decode(z / vae.latent_scale)
 
-`vae_loss` is the from-scratch training objective (see its docstring).
+`vae_loss` is the from-scratch training objective (see its docstring). Activations and conv weights
+are in heartbeat.nn.MEMORY_FORMAT (NCHW), one layout throughout (docs/ARCHITECTURE.md §Tensors).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention, group_norm
+from .nn import MEMORY_FORMAT, as_layout
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -70,7 +72,7 @@ class AttnBlock(nn.Module):
         h = self.norm(x)
         q, k, v = (p(h).flatten(2).transpose(1, 2).unsqueeze(2) for p in (self.q, self.k, self.v))  # (B, HW, 1, C)
         o = attention(q, k, v, backend=self.backend)  # (B, HW, 1, C)
-        o = o.squeeze(2).transpose(1, 2).reshape(B, C, H, W)
+        o = as_layout(o.squeeze(2).transpose(1, 2).reshape(B, C, H, W))  # a channels-last view: re-laid
         return x + self.proj_out(o)
 
 
@@ -219,6 +221,7 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(chs, cfg.vae_layers, cfg.in_channels, zch, cfg.vae_norm_groups, backend)
         self.quant_conv = nn.Conv2d(2 * zch, 2 * zch, 1)
         self.post_quant_conv = nn.Conv2d(zch, zch, 1)
+        self.to(memory_format=MEMORY_FORMAT)  # conv weights in the one layout, once (heartbeat/nn.py)
 
     def _check(self, x, channels, what):
         if x.ndim != 4 or x.shape[1] != channels:
@@ -236,13 +239,13 @@ class AutoencoderKL(nn.Module):
         if x.shape[-1] % self.factor or x.shape[-2] % self.factor:
             raise ValueError(f"AutoencoderKL.encode: H, W = {tuple(x.shape[-2:])} must be multiples of the "
                              f"VAE factor {self.factor}; resize or pad the frames")
-        h = self.encoder.features(x)
+        h = self.encoder.features(as_layout(x))
         return DiagonalGaussian(self.quant_conv(self.encoder.conv_out(h))), h
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, zch, h, w) (unscaled: divide diffusion latents by latent_scale first) -> (B, in_channels, h*f, w*f)."""
         self._check(z, self.latent_channels, "decode")
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(as_layout(z))).contiguous()  # NCHW out, whatever the layout
 
     def forward(self, x, generator=None, sample: bool = True):
         post = self.encode(x)
