@@ -24,7 +24,8 @@ Metrics (docs/METRICS.md gives the exact protocols):
            dice_lv / dice_myo / dice_la against the conditioning masks (per clip, then averaged),
            mv_px: annulus points of the segmentation vs the conditioning mv_points,
            flow_epe_px: DIS flow of the generated clip vs the conditioning flow inside the sector,
-           ef_err: |area-EF of the segmentation - area-EF of the conditioning masks| (percent).
+           ef_err: |area-EF of the segmentation - area-EF of the conditioning masks| (percent),
+           ef_req_err: |area-EF of the segmentation - the requested EF| (sample.py --anatomy=model).
 Writes OUT/metrics.json and OUT/metrics.md (OUT defaults to the fake file's folder), and
 OUT/segmenter.safetensors when it trained one.
 """
@@ -51,7 +52,7 @@ METRICS = ("fid", "fvd", "ssim", "control")
 SHORT = {"text": "T", "image": "I", "sketch": "S", "mask": "M", "mv": "V", "flow": "F"}
 STRUCTURES = {1: "lv", 2: "myo", 3: "la"}
 COLUMNS = ("n", "fid", "fvd", "ssim", "dice_lv", "dice_myo", "dice_la", "mv_px", "flow_epe_px",
-           "ef_err")
+           "ef_err", "ef_req_err")
 
 
 class EvalError(Exception):
@@ -320,6 +321,7 @@ def _evaluate(args, fake, real, fake_path, real_path) -> dict:
         seg_model, how = get_segmenter(args, real_path)
         notes.append(how)
         from heartbeat.segmenter import segment
+        from heartbeat.anatomy import ef_request_error
     per_clip = {}
     t0, c0, n_frames = time.perf_counter(), time.process_time(), 0
     if "ssim" in args.metrics or "control" in args.metrics:
@@ -331,7 +333,10 @@ def _evaluate(args, fake, real, fake_path, real_path) -> dict:
                 r["ssim"] = float(M.ssim(frames, ref, data_range=255.0).mean())
             if seg_model is not None:
                 sector = (ref if ref is not None else frames).max(0) > 0
-                r.update(control_metrics(frames, segment(seg_model, frames), cond, i, sector))
+                seg = segment(seg_model, frames)
+                r.update(control_metrics(frames, seg, cond, i, sector))
+                if "meta" in fake:        # clips made at a requested EF (heartbeat/anatomy.py)
+                    r.update(ef_request_error(seg, cond.get("mask", i), fake["meta"][i]))
             per_clip[i] = r
             n_frames += Fr
         dt, dc = time.perf_counter() - t0, max(time.process_time() - c0, 1e-9)
