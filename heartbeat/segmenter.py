@@ -44,6 +44,13 @@ class SegUNet(nn.Module):
                                 for i in reversed(range(len(channels) - 1)))
         self.out = nn.Conv2d(channels[0], classes, 1)
 
+    def encode(self, x):
+        """The encoder's deepest feature map (N, channels[-1], S / 2^(levels-1), ...), the feature
+        space of the copy check (heartbeat/privacy.py)."""
+        for i, blk in enumerate(self.down):
+            x = blk(x if i == 0 else F.max_pool2d(x, 2))
+        return x
+
     def forward(self, x):
         skips = []
         for i, blk in enumerate(self.down):

@@ -26,6 +26,9 @@ Metrics (docs/METRICS.md gives the exact protocols):
            flow_epe_px: DIS flow of the generated clip vs the conditioning flow inside the sector,
            ef_err: |area-EF of the segmentation - area-EF of the conditioning masks| (percent),
            ef_req_err: |area-EF of the segmentation - the requested EF| (sample.py --anatomy=model).
+  privacy  copy_rate: the fraction of generated clips nearer a real training clip (the segmenter's
+           encoder features) than the --copy_quantile-th percentile of the real test clips' own
+           nearest-training distances; the real folder needs train.h5 beside the test split.
 Writes OUT/metrics.json and OUT/metrics.md (OUT defaults to the fake file's folder), and
 OUT/segmenter.safetensors when it trained one.
 """
@@ -48,11 +51,11 @@ import numpy as np  # noqa: E402
 from heartbeat import metrics as M  # noqa: E402
 from heartbeat.config import CONDITIONS as CONDITION_ORDER  # noqa: E402
 
-METRICS = ("fid", "fvd", "ssim", "control")
+METRICS = ("fid", "fvd", "ssim", "control", "privacy")
 SHORT = {"text": "T", "image": "I", "sketch": "S", "mask": "M", "mv": "V", "flow": "F"}
 STRUCTURES = {1: "lv", 2: "myo", 3: "la"}
 COLUMNS = ("n", "fid", "fvd", "ssim", "dice_lv", "dice_myo", "dice_la", "mv_px", "flow_epe_px",
-           "ef_err", "ef_req_err")
+           "ef_err", "ef_req_err", "copy_rate")
 
 
 class EvalError(Exception):
@@ -317,9 +320,21 @@ def _evaluate(args, fake, real, fake_path, real_path) -> dict:
     notes, timing = [], {}
 
     seg_model = None
-    if "control" in args.metrics:
+    if "control" in args.metrics or "privacy" in args.metrics:
         seg_model, how = get_segmenter(args, real_path)
         notes.append(how)
+    if "privacy" in args.metrics:                       # heartbeat/privacy.py
+        from heartbeat.privacy import PrivacyError, copy_report, summary
+        try:
+            rep = copy_report(fake["video"], real_path.parent / "train.h5", real_path, seg_model, args.copy_quantile)
+        except PrivacyError as e:
+            raise EvalError(str(e)) from None
+        for g, idx in groups.items():
+            results[g]["copy_rate"] = float(rep["flagged"][idx].mean())
+        notes.append(summary(rep))
+    if "control" not in args.metrics:
+        seg_model = None
+    else:
         from heartbeat.segmenter import segment
         from heartbeat.anatomy import ef_request_error
     per_clip = {}
@@ -412,6 +427,8 @@ def parse(argv):
     p.add_argument("--seg_steps", type=int, default=300)
     p.add_argument("--seg_size", type=int, default=64)
     p.add_argument("--fid_max_frames", type=int, default=10000)
+    p.add_argument("--copy_quantile", type=float, default=1.0,
+                   help="privacy: copy threshold = this percentile of real test-to-train distances")
     p.add_argument("--group", default="conditions", help="conditions | conditions,view")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="", help="for the FID / FVD networks (default: cuda if available)")

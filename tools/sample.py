@@ -5,6 +5,7 @@
         [--guidance=3.0 | --guidance=mask=2,text=1] [--out=DIR] [--frames=F] [--batch=B] [--force]
         [--mask=DIR_OR_NPY] [--prior=PNG] [--prompt="..."] [--sketch=PNG] [--flow=NPY]
         [--anatomy=model --ef=0.35|0.2:0.7 --view=4CH|2CH]
+        [--filter_copies --segmenter=FILE [--copy_ref=DIR] [--copy_quantile=1]]
     (also `python tools/sample.py ...` on one process)
 
 Under torchrun write --num_samples=K: torchrun's own parser (torch 2.13) rejects `--num` anywhere on
@@ -24,7 +25,9 @@ world, ...), so the same seeds give the same samples on 1 or 8 GPUs. Writes OUT/
 docs/ARCHITECTURE.md §Data schema: video, the conditioning maps given, mask_valid, text, view, patient, meta JSON;
 plus source_index and conditions per sample, root attrs checkpoint/sampler/steps/guidance/seed),
 OUT/sample_XXXXX.gif previews (generated | mask overlay | sketch | MV), OUT/grid.png and
-OUT/sample_args.json. OUT defaults to RUN/samples.
+OUT/sample_args.json. OUT defaults to RUN/samples. --filter_copies then drops the samples closer to
+a real training clip than the copy threshold (heartbeat/privacy.py, docs/METRICS.md §Privacy) and
+records them in samples.h5's `copy_filter` attribute and OUT/copies.json.
 """
 from __future__ import annotations
 
@@ -85,6 +88,13 @@ def parse_args(argv=None):
                    help="model: masks and MV from the parametric heart model (heartbeat/anatomy.py)")
     p.add_argument("--ef", default="", help="with --anatomy=model: area EF, 0.35 or a uniform range 0.2:0.7")
     p.add_argument("--view", default="4CH", help="with --anatomy=model: 2CH or 4CH")
+    p.add_argument("--filter_copies", action="store_true",
+                   help="drop samples that copy a training patient (heartbeat/privacy.py); needs --segmenter")
+    p.add_argument("--copy_ref", default="", help="real folder (train.h5, test.h5) for --filter_copies "
+                   "(default: --data)")
+    p.add_argument("--segmenter", default="", help="segmenter .safetensors whose encoder is the copy check's features")
+    p.add_argument("--copy_quantile", type=float, default=1.0,
+                   help="threshold: this percentile of real test-to-train distances")
     return p.parse_args(argv)
 
 
@@ -226,6 +236,14 @@ def plan(args) -> dict:
         raise S.SampleError(f"output folder {out} already exists; pass --force to write into it "
                             f"(samples.h5 is replaced only once the new one is complete) or another --out")
     num = args.num or len(source)
+    if args.filter_copies:
+        ref = Path(args.copy_ref or args.data)
+        if not (args.copy_ref or args.data) or not (ref / "train.h5").is_file() or not (ref / "test.h5").is_file():
+            raise S.SampleError(f"--filter_copies needs a real folder holding train.h5 and test.h5 "
+                                f"(--copy_ref=DIR, default --data); got '{args.copy_ref or args.data}'")
+        if not Path(args.segmenter).is_file():
+            raise S.SampleError("--filter_copies needs --segmenter=FILE (python tools/train.py --stage=seg, or the "
+                                "segmenter.safetensors tools/eval.py writes)")
     return dict(path=path, meta=meta, cfg=cfg, video=video, used=used, spec=spec, source=source, out=out,
                 num=num, labels=labels)
 
@@ -280,6 +298,12 @@ def run(args, p: dict, rank: int, world: int, device) -> Path | None:
     S.merge_parts(parts_files, final, attrs)
     for f in parts_files:
         f.unlink(missing_ok=True)
+    if args.filter_copies:
+        from heartbeat.privacy import filter_file, summary
+        from heartbeat.segmenter import load_segmenter
+        rep = filter_file(final, args.copy_ref or args.data, load_segmenter(args.segmenter), args.copy_quantile,
+                          record=out / "copies.json")
+        print(f"{summary(rep)}; dropped them, kept {rep['info']['kept']} (list: {out / 'copies.json'})")
     previews = write_previews(final, out, count=args.previews)
     (out / "sample_args.json").write_text(json.dumps(vars(args), indent=2, default=str))
     n = p["num"]
