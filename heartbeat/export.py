@@ -7,7 +7,9 @@ into the formats other tools read (docs/ARCHITECTURE.md §Sampling):
                                 file_ending)
     export(h5, out, "camus")    the CAMUS 2023 release layout: database_nifti/patientNNNN/
                                 patientNNNN_{2CH,4CH}_half_sequence[_gt].nii.gz + Info_{view}.cfg
-                                (ED 1, ES F), database_split/subgroup_training.txt; one patient per
+                                (ED 1, ES F; heart-model clips: EF = their
+                                area-length volume EF, AreaEF = the requested area EF),
+                                database_split/subgroup_training.txt; one patient per
                                 clip; `python -m data_prep.camus --src OUT` reads it back
     export(h5, out, "mp4")      clip_NNNNN.mp4 (OpenCV mp4v; MJPG .avi where that codec is missing):
                                 generated | mask overlay | sketch | MV, for viewing
@@ -106,10 +108,11 @@ def _camus(f, out: Path, spacing: float, view_default: str) -> int:
         _nifti(video, (sx, sy, 1.0), d / f"{pat}_{view}_half_sequence.nii.gz")
         _nifti(mask, (sx, sy, 1.0), d / f"{pat}_{view}_half_sequence_gt.nii.gz")
         src = meta.get("source") if isinstance(meta.get("source"), dict) else {}
-        ef = src.get("ef_requested")
         info = {"ED": 1, "ES": len(video), "NbFrame": len(video), "ImageQuality": "Synthetic"}
-        if ef is not None:
-            info["EF"] = round(100 * float(ef), 2)
+        if src.get("ef_area_length") is not None:        # heart-model clips: a volume EF, as CAMUS's EF is
+            info["EF"] = round(100 * float(src["ef_area_length"]), 2)
+        if src.get("ef_requested") is not None:
+            info["AreaEF"] = round(100 * float(src["ef_requested"]), 2)
         (d / f"Info_{view}.cfg").write_text("".join(f"{k}: {v}\n" for k, v in info.items()))
         patients.append(pat)
     (split / "subgroup_training.txt").write_text("\n".join(patients) + "\n")

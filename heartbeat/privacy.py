@@ -101,7 +101,7 @@ def copy_report(fake_video, train_path, test_path, model, quantile: float = 1.0)
 
 def summary(rep: dict) -> str:
     return (f"copies: {int(rep['flagged'].sum())} of {len(rep['flagged'])} clips closer to a training clip than "
-            f"{rep['threshold']:.4g} (the {rep['quantile']:g}th percentile of {len(rep['test_distances'])} "
+            f"{rep['threshold']:.4g} (percentile {rep['quantile']:g} of {len(rep['test_distances'])} "
             f"real test clips' nearest-training distances; {rep['feature_space']})")
 
 

@@ -28,7 +28,8 @@ Metrics (docs/METRICS.md gives the exact protocols):
            ef_req_err: |area-EF of the segmentation - the requested EF| (sample.py --anatomy=model).
   privacy  copy_rate: the fraction of generated clips nearer a real training clip (the segmenter's
            encoder features) than the --copy_quantile-th percentile of the real test clips' own
-           nearest-training distances; the real folder needs train.h5 beside the test split.
+           nearest-training distances; always DIR/train.h5 and DIR/test.h5 of the real folder,
+           whatever --split pairs the clips with (samples made from the train split: --split=train).
 Writes OUT/metrics.json and OUT/metrics.md (OUT defaults to the fake file's folder), and
 OUT/segmenter.safetensors when it trained one.
 """
@@ -326,7 +327,8 @@ def _evaluate(args, fake, real, fake_path, real_path) -> dict:
     if "privacy" in args.metrics:                       # heartbeat/privacy.py
         from heartbeat.privacy import PrivacyError, copy_report, summary
         try:
-            rep = copy_report(fake["video"], real_path.parent / "train.h5", real_path, seg_model, args.copy_quantile)
+            rep = copy_report(fake["video"], real_path.parent / "train.h5", real_path.parent / "test.h5", seg_model,
+                              args.copy_quantile)
         except PrivacyError as e:
             raise EvalError(str(e)) from None
         for g, idx in groups.items():
