@@ -126,10 +126,13 @@ class AnatomySource:
         if cfg.model.mask_classes < 4:
             raise SampleError(f"--anatomy=model draws echo labels 0..3; this checkpoint knows "
                               f"{cfg.model.mask_classes} mask classes")
+        if "mask" not in used:
+            raise SampleError("--anatomy=model conditions on masks, but this run does not use the mask condition "
+                              f"(uses: {', '.join(used) or 'none'}); pick a checkpoint trained with masks")
         self.used, self.video, self.size = tuple(used), video, cfg.model.image_size
-        self.frames = frames or (cfg.model.frames if video else 1)
-        if self.frames < 2 and video:
-            raise SampleError("--anatomy=model needs clips of at least 2 frames")
+        self.frames = frames or cfg.model.frames        # a whole ED -> ES cycle, also for stage 1's frames
+        if self.frames < 2:
+            raise SampleError("--anatomy=model needs at least 2 frames (ED and ES) per sample")
 
     def __len__(self):
         return 1

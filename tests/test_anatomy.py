@@ -88,4 +88,8 @@ def test_sample_anatomy_bad_input(tmp_path, monkeypatch, capsys):
                        (["--ef=0.3", "--data", tmp_path], "drop --data")):
         rc, err = run_tool(base + extra, capsys)
         assert rc == 2 and msg in err and err.count("\n") == 1, err
+    rc, err = run_tool(base + ["--ef=0.3", "--conditions=text"], capsys)
+    assert rc == 2 and "mask condition" in err, err
+    rc, err = run_tool(base + ["--ef=0.3", "--frames=1"], capsys)
+    assert rc == 2 and "at least 2 frames" in err, err
     assert not (tmp_path / "o").exists()
