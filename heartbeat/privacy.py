@@ -73,6 +73,18 @@ def _open(path, what: str) -> h5py.File:
     return f
 
 
+def check_reference(real_dir, quantile: float = 1.0) -> None:
+    """Before any sampling: the real folder has train.h5 and test.h5 with disjoint patients."""
+    real_dir = Path(real_dir)
+    if not 0 < quantile < 100:
+        raise PrivacyError(f"copy quantile {quantile}: a percentage in (0, 100), e.g. 1")
+    with _open(real_dir / "train.h5", "real training split") as tr, _open(real_dir / "test.h5", "real test split") as te:
+        both = sorted(set(tr["patient"].asstr()[()]) & set(te["patient"].asstr()[()]))
+    if both:
+        raise PrivacyError(f"{real_dir}: train.h5 and test.h5 share patients {both[:5]}: the threshold needs "
+                           "unseen test patients (split by patient)")
+
+
 def copy_report(fake_video, train_path, test_path, model, quantile: float = 1.0) -> dict:
     """Distances of each fake clip to the nearest real training clip, and the threshold from the real
     test clips' own nearest-training distances (test and training patients must not overlap)."""

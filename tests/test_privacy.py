@@ -95,6 +95,9 @@ def test_sample_filter_copies_cli(world, tmp_path, monkeypatch, capsys):
             "--filter_copies"]
     rc, err = run_tool(base + ["--out", tmp_path / "x"], capsys)
     assert rc == 2 and "--segmenter" in err and not (tmp_path / "x").exists()
+    rc, err = run_tool(base + ["--out", tmp_path / "x", "--segmenter", d / "seg.safetensors",
+                               "--copy_ref", tmp_path], capsys)
+    assert rc == 2 and "train.h5" in err and err.count("\n") == 1 and not (tmp_path / "x").exists()
     rc, err = run_tool(base + ["--out", tmp_path / "o", "--segmenter", d / "seg.safetensors"], capsys)
     assert rc == 0, err
     info = json.loads((tmp_path / "o" / "copies.json").read_text())

@@ -236,12 +236,17 @@ def plan(args) -> dict:
         raise S.SampleError(f"output folder {out} already exists; pass --force to write into it "
                             f"(samples.h5 is replaced only once the new one is complete) or another --out")
     num = args.num or len(source)
-    if args.filter_copies:
-        ref = Path(args.copy_ref or args.data)
-        if not (args.copy_ref or args.data) or not (ref / "train.h5").is_file() or not (ref / "test.h5").is_file():
-            raise S.SampleError(f"--filter_copies needs a real folder holding train.h5 and test.h5 "
-                                f"(--copy_ref=DIR, default --data); got '{args.copy_ref or args.data}'")
-        if not Path(args.segmenter).is_file():
+    if args.filter_copies:                            # heartbeat/privacy.py; checked before any sampling
+        from heartbeat.privacy import PrivacyError, check_reference
+        from heartbeat.segmenter import load_segmenter
+        if not (args.copy_ref or args.data):
+            raise S.SampleError("--filter_copies needs the real folder (train.h5, test.h5): --copy_ref=DIR or --data")
+        try:
+            check_reference(args.copy_ref or args.data, args.copy_quantile)
+            load_segmenter(args.segmenter) if args.segmenter else None
+        except (PrivacyError, FileNotFoundError, ValueError) as e:
+            raise S.SampleError(f"--filter_copies: {e}") from None
+        if not args.segmenter:
             raise S.SampleError("--filter_copies needs --segmenter=FILE (python tools/train.py --stage=seg, or the "
                                 "segmenter.safetensors tools/eval.py writes)")
     return dict(path=path, meta=meta, cfg=cfg, video=video, used=used, spec=spec, source=source, out=out,
