@@ -4,6 +4,8 @@
         [--seed=S] [--steps=50] [--sampler=ddim|dpmpp2m|ddpm] [--eta=0] [--conditions=text,image,mask]
         [--guidance=3.0 | --guidance=mask=2,text=1] [--out=DIR] [--frames=F] [--batch=B] [--force]
         [--mask=DIR_OR_NPY] [--prior=PNG] [--prompt="..."] [--sketch=PNG] [--flow=NPY]
+        [--anatomy=model --ef=0.35|0.2:0.7 --view=4CH|2CH]
+        [--filter_copies --segmenter=FILE [--copy_ref=DIR] [--copy_quantile=1]]
     (also `python tools/sample.py ...` on one process)
 
 Under torchrun write --num_samples=K: torchrun's own parser (torch 2.13) rejects `--num` anywhere on
@@ -12,7 +14,9 @@ its command line as an ambiguous abbreviation of its --numa-binding / --numa_bin
 Conditions come from a dataset split (sample k is driven by clip k % N of DIR/SPLIT.h5) or from
 files, which replace the clip's (then source_index = -1). --conditions picks any subset of those the
 checkpoint was trained with (default: all it was trained with that the source provides); the rest
-are dropped exactly as in training. The MV skeleton of a --mask is derived as data_prep does.
+are dropped exactly as in training. --anatomy=model takes the text, mask and MV conditions from
+the parametric heart model at the requested area EF instead (heartbeat/anatomy.py; the request is
+stored in each sample's meta JSON as source.ef_requested). The MV skeleton of a --mask is derived as data_prep does.
 Stage-1 checkpoints make F independent frames per sample (default 1; --frames F with a clip's
 per-frame masks); stage-2 and cmr checkpoints make clips / volumes of F frames.
 
@@ -21,7 +25,9 @@ world, ...), so the same seeds give the same samples on 1 or 8 GPUs. Writes OUT/
 docs/ARCHITECTURE.md §Data schema: video, the conditioning maps given, mask_valid, text, view, patient, meta JSON;
 plus source_index and conditions per sample, root attrs checkpoint/sampler/steps/guidance/seed),
 OUT/sample_XXXXX.gif previews (generated | mask overlay | sketch | MV), OUT/grid.png and
-OUT/sample_args.json. OUT defaults to RUN/samples.
+OUT/sample_args.json. OUT defaults to RUN/samples. --filter_copies then drops the samples closer to
+a real training clip than the copy threshold (heartbeat/privacy.py, docs/METRICS.md §Privacy) and
+records them in samples.h5's `copy_filter` attribute and OUT/copies.json.
 """
 from __future__ import annotations
 
@@ -78,6 +84,17 @@ def parse_args(argv=None):
     p.add_argument("--no_ema", action="store_true", help="raw weights instead of the EMA")
     p.add_argument("--save_latents", action="store_true", help="also store the sampled latents")
     p.add_argument("--device", default="", help="default: cuda:LOCAL_RANK if CUDA, else cpu")
+    p.add_argument("--anatomy", default="", choices=("", "model"),
+                   help="model: masks and MV from the parametric heart model (heartbeat/anatomy.py)")
+    p.add_argument("--ef", default="", help="with --anatomy=model: area EF, 0.35 or a uniform range 0.2:0.7")
+    p.add_argument("--view", default="4CH", help="with --anatomy=model: 2CH or 4CH")
+    p.add_argument("--filter_copies", action="store_true",
+                   help="drop samples that copy a training patient (heartbeat/privacy.py); needs --segmenter")
+    p.add_argument("--copy_ref", default="", help="real folder (train.h5, test.h5) for --filter_copies "
+                   "(default: --data)")
+    p.add_argument("--segmenter", default="", help="segmenter .safetensors whose encoder is the copy check's features")
+    p.add_argument("--copy_quantile", type=float, default=1.0,
+                   help="threshold: this percentile of real test-to-train distances")
     return p.parse_args(argv)
 
 
@@ -110,6 +127,9 @@ def resolve_conditions(args, cfg, video: bool) -> tuple:
     if not video:
         trained = tuple(c for c in trained if c != "flow")
     files = [FILE_OPTIONS[o] for o in FILE_OPTIONS if getattr(args, o) not in ("", None)]
+    if args.anatomy:                                  # the heart model gives these (heartbeat/anatomy.py)
+        from heartbeat.anatomy import CONDITIONS as MODEL_CONDITIONS
+        files += [c for c in MODEL_CONDITIONS if c in trained and c not in files]
     for name in files:
         if name not in trained:
             opt = [o for o, c in FILE_OPTIONS.items() if c == name][0]
@@ -134,7 +154,7 @@ def resolve_conditions(args, cfg, video: bool) -> tuple:
                                  for c in missing)
                 raise S.SampleError(f"--conditions asks for {need} but no such input is given; give it, or "
                                     f"--data=DIR to take conditions from a dataset split")
-        ignored = [c for c in files if c not in asked]
+        ignored = [c for c in files if c not in asked and not args.anatomy]
         if ignored:
             raise S.SampleError(f"a file is given for {', '.join(ignored)} but --conditions leaves it out; "
                                 f"add it to --conditions or drop the file option")
@@ -184,7 +204,16 @@ def plan(args) -> dict:
     if video and args.frames > cfg.model.max_frames:
         raise S.SampleError(f"--frames={args.frames}: the model's temporal layers take at most {cfg.model.max_frames}")
     files = load_file_conditions(args, cfg, used)
-    if args.data:
+    if args.anatomy and (args.data or files):
+        raise S.SampleError("--anatomy=model makes its own masks: drop --data and the file options")
+    if args.anatomy:
+        if not args.ef:
+            raise S.SampleError("--anatomy=model needs --ef=0.35 (or a range, --ef=0.2:0.7)")
+        from heartbeat.anatomy import AnatomySource
+        source = AnatomySource(cfg, used, args.frames or None, video, args.ef, args.view)
+        from data_prep.h5io import ECHO_LABELS
+        labels = {str(k): v for k, v in ECHO_LABELS.items()}
+    elif args.data:
         try:
             source = S.DatasetSource(cfg, find_split(args.data, args.split), used, args.frames or None, video,
                                      args.prior_frame)
@@ -207,6 +236,19 @@ def plan(args) -> dict:
         raise S.SampleError(f"output folder {out} already exists; pass --force to write into it "
                             f"(samples.h5 is replaced only once the new one is complete) or another --out")
     num = args.num or len(source)
+    if args.filter_copies:                            # heartbeat/privacy.py; checked before any sampling
+        from heartbeat.privacy import PrivacyError, check_reference
+        from heartbeat.segmenter import load_segmenter
+        if not (args.copy_ref or args.data):
+            raise S.SampleError("--filter_copies needs the real folder (train.h5, test.h5): --copy_ref=DIR or --data")
+        try:
+            check_reference(args.copy_ref or args.data, args.copy_quantile)
+            load_segmenter(args.segmenter) if args.segmenter else None
+        except (PrivacyError, FileNotFoundError, ValueError) as e:
+            raise S.SampleError(f"--filter_copies: {e}") from None
+        if not args.segmenter:
+            raise S.SampleError("--filter_copies needs --segmenter=FILE (python tools/train.py --stage=seg, or the "
+                                "segmenter.safetensors tools/eval.py writes)")
     return dict(path=path, meta=meta, cfg=cfg, video=video, used=used, spec=spec, source=source, out=out,
                 num=num, labels=labels)
 
@@ -261,6 +303,12 @@ def run(args, p: dict, rank: int, world: int, device) -> Path | None:
     S.merge_parts(parts_files, final, attrs)
     for f in parts_files:
         f.unlink(missing_ok=True)
+    if args.filter_copies:
+        from heartbeat.privacy import filter_file, summary
+        from heartbeat.segmenter import load_segmenter
+        rep = filter_file(final, args.copy_ref or args.data, load_segmenter(args.segmenter), args.copy_quantile,
+                          record=out / "copies.json")
+        print(f"{summary(rep)}; dropped them, kept {rep['info']['kept']} (list: {out / 'copies.json'})")
     previews = write_previews(final, out, count=args.previews)
     (out / "sample_args.json").write_text(json.dumps(vars(args), indent=2, default=str))
     n = p["num"]
