@@ -129,6 +129,7 @@ class TrainConfig:
                                     # once per frame, not every step); false: encode every step
     shard: str = "ddp"              # ddp: every rank holds the model; fsdp: FSDP2 shards weights, gradients and
                                     # optimiser state over the ranks (heartbeat/sharding.py)
+    compile: bool = False           # the UNet's forward through torch.compile (nn.Module.compile: names kept)
     force: bool = False
 
 

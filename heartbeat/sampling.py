@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from .config import CONDITIONS, LOCAL_CONDITIONS
 from .data import ClipDataset
 from .diffusion import Schedule, sample
+from .graphs import GraphedCall, compiled
 from .guidance import GuidanceSpec, expand_for_sets, guided, repeat_sets
 from .utils import atomic_write, autocast, to_device
 
@@ -313,12 +314,14 @@ def collate_jobs(jobs: list[dict], video: bool) -> dict:
 @torch.no_grad()
 def sample_latents(parts: dict, cfg, cond: dict, seeds, frames: int, video: bool, *, steps: int, guidance: GuidanceSpec,
                    used, sampler: str = "ddim", eta: float = 0.0, device="cpu", spacing: str = "leading",
-                   rescale: float = 0.0) -> torch.Tensor:
+                   rescale: float = 0.0, compile: bool = False, cuda_graph: bool = False) -> torch.Tensor:
     """The one guided sampling path (tools/sample.py and the training previews): z0 float32
     (B, F, C, h, w) for the B = len(seeds) samples of the conditioner batch `cond` (on `device`; 5-D
     clips for a video model, else the B*F frames as rows, as collate_jobs makes them). `used`: the
     conditions guidance conditions on; classifier-free guidance by `guidance` (heartbeat/guidance.py),
-    all its condition sets in one batched UNet call per step."""
+    all its condition sets in one batched UNet call per step. The conditioner (text encoder, image
+    prior, adapter, local encoders) runs once per batch, not per step. compile: the UNet through
+    torch.compile; cuda_graph: each step's UNet call replayed from one CUDA graph (heartbeat/graphs.py)."""
     m = cfg.model
     unet, conditioner = parts["unet"], parts["conditioner"]
     B, Fr = len(seeds), frames
@@ -331,6 +334,8 @@ def sample_latents(parts: dict, cfg, cond: dict, seeds, frames: int, video: bool
     x_T = x_T.to(device)
     used = frozenset(used)
     contexts = {}   # the conditioner's output depends on the condition sets only: once per run, not per step
+    graphs = {}     # condition sets -> the CUDA graph of one step's UNet call
+    unet_fn = compiled(unet) if compile else unet
 
     def model_fn_multi(z, t, cond_sets):
         z2, t2, keep = expand_for_sets(z, t, cond_sets)
@@ -339,7 +344,12 @@ def sample_latents(parts: dict, cfg, cond: dict, seeds, frames: int, video: bool
             if key not in contexts:
                 rep = {k: repeat_sets(v, len(cond_sets)) for k, v in cond.items()}
                 contexts[key] = conditioner(rep, keep, batch_size=z2.shape[0])
-            out = unet(z2, t2, **contexts[key])
+            ctx = contexts[key]
+            if cuda_graph:
+                if key not in graphs:
+                    graphs[key] = GraphedCall(lambda zz, tt: unet_fn(zz, tt, **ctx), z2, t2)
+                return graphs[key](z2, t2).float()
+            out = unet_fn(z2, t2, **ctx)
         return out.float()
 
     if not guidance.compositional and (guidance.scale in (0.0, 1.0) or not used):
@@ -356,14 +366,16 @@ def sample_latents(parts: dict, cfg, cond: dict, seeds, frames: int, video: bool
 
 @torch.no_grad()
 def generate(parts: dict, cfg, jobs: list[dict], *, steps: int, sampler: str, eta: float,
-             guidance: GuidanceSpec, used, device="cpu", spacing: str = "leading", rescale: float = 0.0):
-    """Sample one batch of jobs. Returns (z0 float32 (B, F, C, h, w), video uint8 (B, F, H, W))."""
+             guidance: GuidanceSpec, used, device="cpu", spacing: str = "leading", rescale: float = 0.0,
+             compile: bool = False, cuda_graph: bool = False):
+    """Sample one batch of jobs (compile, cuda_graph: see sample_latents). Returns (z0 float32
+    (B, F, C, h, w), video uint8 (B, F, H, W))."""
     m = cfg.model
     B, Fr, video = len(jobs), jobs[0]["frames"], jobs[0]["video"]
     cond = to_device(collate_jobs(jobs, video), device)
     z0 = sample_latents(parts, cfg, cond, [j["record"]["seed"] for j in jobs], Fr, video, steps=steps,
                         guidance=guidance, used=used, sampler=sampler, eta=eta, device=device, spacing=spacing,
-                        rescale=rescale)
+                        rescale=rescale, compile=compile, cuda_graph=cuda_graph)
     frames = decode(parts["vae"], z0.reshape(B * Fr, *z0.shape[2:]), m.latent_scale)
     return z0.cpu(), frames.reshape(B, Fr, *frames.shape[-2:]).cpu()
 

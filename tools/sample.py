@@ -77,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--previews", type=int, default=4, help="samples previewed as GIF/MP4")
     p.add_argument("--no_ema", action="store_true", help="raw weights instead of the EMA")
     p.add_argument("--save_latents", action="store_true", help="also store the sampled latents")
+    p.add_argument("--compile", action="store_true", help="run the UNet through torch.compile (slow first batch)")
+    p.add_argument("--cuda_graph", action="store_true", help="replay each step's UNet call from a CUDA graph (GPU)")
     p.add_argument("--device", default="", help="default: cuda:LOCAL_RANK if CUDA, else cpu")
     return p.parse_args(argv)
 
@@ -281,7 +283,8 @@ def _sample_part(args, p, parts, source, ks, part, common, label, latent_shape, 
             jobs = [source.job(k, args.seed + k) for k in ks[b:b + args.batch]]
             z0, video = S.generate(parts, cfg, jobs, steps=args.steps, sampler=args.sampler, eta=args.eta,
                                    guidance=p["spec"], used=used, device=device, spacing=args.spacing,
-                                   rescale=args.guidance_rescale)
+                                   rescale=args.guidance_rescale, compile=args.compile,
+                                   cuda_graph=args.cuda_graph)
             for j, job in enumerate(jobs):
                 rec = job["record"]
                 meta = dict(common, seed=rec["seed"], source_index=rec["source_index"], frames=Fr,
@@ -308,6 +311,10 @@ def main(argv=None) -> int:
         device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    elif args.cuda_graph:
+        if rank == 0:
+            print(f"error: --cuda_graph needs a CUDA device (this run samples on {device}); drop it", file=sys.stderr)
+        return 2
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     created = not p["out"].exists()

@@ -175,6 +175,8 @@ def train(cfg: Config, d: Dist) -> Path:
     if resume is not None:              # the run's own weights: before the encoder cache is keyed on its VAE
         model.load_model_state(ckpt.read_weights(resume[0]).model, what=str(resume[0]))
     model.to(d.device)
+    if t.compile and getattr(model, "unet", None) is not None:   # opt-in; parameter names are unchanged
+        model.unet.compile()
     if stage.model == "ldm":                                     # latents + prior tokens once, not every step
         key = ensure_cache(model, cfg, d, log=lambda *a: log(d, *a))
         if key is not None:
