@@ -28,7 +28,7 @@ from .conditions import given_conditions
 from .data import DataError, SeededItems, collate, make_dataset
 from .guidance import GuidanceSpec
 from .sampling import sample_latents
-from .stages import get_stage
+from .stages import model_stage
 from .utils import PALETTE, atomic_write_bytes, to_device
 from .vae import as_channels
 
@@ -105,7 +105,7 @@ def preview(model, ema, cfg: Config, device, final: bool = False):
     """A uint8 (3, H, W) grid from the test split with the EMA weights, or None without a test split
     (or for a stage without previews). Generated with heartbeat.sampling.sample_latents: DDIM, 25 steps
     (50 for the final picture), guidance PREVIEW_GUIDANCE on every condition the model is given."""
-    kind = get_stage(cfg.train.stage).preview
+    kind = model_stage(cfg.train.stage, cfg.model).preview
     if not kind:
         return None
     try:
@@ -129,7 +129,8 @@ def preview(model, ema, cfg: Config, device, final: bool = False):
         cond = model.condition_batch(batch)
         parts = {"unet": model.unet, "conditioner": model.conditioner}
         Fr = batch["video"].shape[1] if video else 1
-        z = sample_latents(parts, cfg, cond, idx, Fr, video, steps=50 if final else 25,
+        steps, sampler = (m.student_steps, "lcm") if m.guidance_inputs else (50 if final else 25, "ddim")
+        z = sample_latents(parts, cfg, cond, idx, Fr, video, steps=steps, sampler=sampler,
                            guidance=GuidanceSpec.parse(PREVIEW_GUIDANCE), used=given_conditions(cond), device=device)
         gen = model.vae.decode(z.flatten(0, 1) / m.latent_scale)
         if not video:

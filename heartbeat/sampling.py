@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from .config import CONDITIONS, LOCAL_CONDITIONS
 from .data import ClipDataset
 from .diffusion import Schedule, sample
+from .distill import check_request, student_scales
 from .graphs import GraphedCall, compiled
 from .guidance import GuidanceSpec, expand_for_sets, guided, repeat_sets
 from .utils import atomic_write, autocast, to_device
@@ -336,6 +337,10 @@ def sample_latents(parts: dict, cfg, cond: dict, seeds, frames: int, video: bool
     contexts = {}   # the conditioner's output depends on the condition sets only: once per run, not per step
     graphs = {}     # condition sets -> the CUDA graph of one step's UNet call
     unet_fn = compiled(unet) if compile else unet
+    scales = None   # a distilled student (sampler lcm): its guidance scales are an input, one call per step
+    if sampler == "lcm":
+        check_request(m, sampler, steps)
+        scales = torch.tensor(student_scales(m, guidance), dtype=torch.float32, device=device)
 
     def model_fn_multi(z, t, cond_sets):
         z2, t2, keep = expand_for_sets(z, t, cond_sets)
@@ -344,7 +349,7 @@ def sample_latents(parts: dict, cfg, cond: dict, seeds, frames: int, video: bool
             if key not in contexts:
                 rep = {k: repeat_sets(v, len(cond_sets)) for k, v in cond.items()}
                 contexts[key] = conditioner(rep, keep, batch_size=z2.shape[0])
-            ctx = contexts[key]
+            ctx = contexts[key] if scales is None else dict(contexts[key], guidance=scales.expand(z2.shape[0], -1))
             if cuda_graph:
                 if key not in graphs:
                     graphs[key] = GraphedCall(lambda zz, tt: unet_fn(zz, tt, **ctx), z2, t2)
@@ -352,7 +357,10 @@ def sample_latents(parts: dict, cfg, cond: dict, seeds, frames: int, video: bool
             out = unet_fn(z2, t2, **ctx)
         return out.float()
 
-    if not guidance.compositional and (guidance.scale in (0.0, 1.0) or not used):
+    if scales is not None:
+        def model_fn(z, t):                                   # the student: every given condition, one call
+            return model_fn_multi(z, t, [used])
+    elif not guidance.compositional and (guidance.scale in (0.0, 1.0) or not used):
         only = used if (guidance.scale == 1.0 and used) else frozenset()   # w = 1: conditional; w = 0: unconditional
 
         def model_fn(z, t):                                   # one condition set: no guidance arithmetic
@@ -360,7 +368,7 @@ def sample_latents(parts: dict, cfg, cond: dict, seeds, frames: int, video: bool
     else:
         model_fn = guided(model_fn_multi, guidance, rescale=rescale, given=used)
     z0 = sample(model_fn, x_T, steps=steps, sampler=sampler, schedule=Schedule.from_config(m),
-                prediction=m.prediction, eta=eta, spacing=spacing, generator=gens)
+                prediction=m.prediction, eta=eta, spacing=spacing, generator=gens, lcm_skip=m.lcm_skip)
     return z0.float().reshape(B, Fr, C, h, h)
 
 

@@ -42,7 +42,8 @@ from heartbeat.diffusion import SAMPLERS, SPACINGS, make_timesteps  # noqa: E402
 from heartbeat.guidance import GuidanceError, GuidanceSpec  # noqa: E402
 from heartbeat import sampling as S  # noqa: E402
 from heartbeat.preview import write_previews  # noqa: E402
-from heartbeat.stages import get_stage, sampling_stages  # noqa: E402
+from heartbeat.distill import StudentError, check_request, student_scales  # noqa: E402
+from heartbeat.stages import model_stage, sampling_stages  # noqa: E402
 
 FILE_OPTIONS = {"mask": "mask", "prior": "image", "prompt": "text", "sketch": "sketch", "flow": "flow"}
 
@@ -170,7 +171,8 @@ def plan(args) -> dict:
     """Everything checked before any process group, folder or model exists."""
     from heartbeat.data import DataError, find_split
     path, meta, cfg = read_checkpoint_config(args.ckpt)
-    video = get_stage(meta["stage"]).video
+    stage = model_stage(meta["stage"], cfg.model)          # a distilled student: its teacher's stage
+    video = stage.video
     used = resolve_conditions(args, cfg, video)
     try:
         spec = GuidanceSpec.parse(args.guidance)
@@ -181,6 +183,12 @@ def plan(args) -> dict:
         make_timesteps(args.steps, args.spacing, cfg.model.timesteps)
     except ValueError as e:
         raise S.SampleError(f"--steps={args.steps}: {e}") from None
+    try:                                                   # a student: lcm, its steps, its scales
+        check_request(cfg.model, args.sampler, args.steps)
+        if args.sampler == "lcm":
+            student_scales(cfg.model, spec)
+    except StudentError as e:
+        raise S.SampleError(f"--ckpt={args.ckpt}: {e}") from None
     if args.batch < 1 or args.num < 0 or args.frames < 0:
         raise S.SampleError("--batch must be >= 1, --num and --frames >= 0")
     if video and args.frames > cfg.model.max_frames:
@@ -200,7 +208,7 @@ def plan(args) -> dict:
     else:
         source = S.FileSource(cfg, used, args.frames or None, video, files)
         from data_prep.h5io import CMR_LABELS, ECHO_LABELS
-        modality_labels = CMR_LABELS if get_stage(meta["stage"]).modality == "cmr" else ECHO_LABELS
+        modality_labels = CMR_LABELS if stage.modality == "cmr" else ECHO_LABELS
         labels = {str(k): v for k, v in modality_labels.items()}
     out = Path(args.out) if args.out else path.parent / "samples"
     if out.exists() and not out.is_dir():
