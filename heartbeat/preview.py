@@ -29,7 +29,7 @@ from .data import DataError, SeededItems, collate, make_dataset
 from .guidance import GuidanceSpec
 from .sampling import sample_latents
 from .stages import model_stage
-from .utils import PALETTE, atomic_write_bytes, to_device
+from .utils import PALETTE, atomic_write, atomic_write_bytes, to_device
 from .vae import as_channels
 
 PREVIEW_GUIDANCE = 2.0      # classifier-free guidance scale of the preview samples (1 = conditional only)
@@ -167,6 +167,25 @@ def preview_frames(f: h5py.File, i: int) -> np.ndarray:
     for p in panels[1:]:
         out += [sep, p]
     return np.concatenate(out, axis=2)
+
+
+def write_gif(h5_path, path, index: int = 0, min_height: int = 256, fps: int = 8) -> Path:
+    """Sample `index` of a samples file as one looping GIF (Pillow): the generated clip beside its
+    conditions (preview_frames' panels), enlarged by a whole factor (nearest) to at least min_height
+    pixels, written atomically."""
+    from PIL import Image
+    with h5py.File(h5_path, "r") as f:
+        if not 0 <= index < f["video"].shape[0]:
+            raise ValueError(f"{h5_path} holds {f['video'].shape[0]} samples; no sample {index}")
+        frames = preview_frames(f, index)
+    k = max(1, -(-min_height // frames.shape[1]))
+    frames = frames.repeat(k, axis=1).repeat(k, axis=2)
+    images = [Image.fromarray(a) for a in frames]
+
+    def write(tmp):
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=1000 // fps, loop=0)
+    atomic_write(Path(path), write)
+    return Path(path)
 
 
 def write_previews(h5_path, out_dir, count: int = 4, grid_rows: int = 16, grid_cols: int = 8) -> list:

@@ -105,9 +105,13 @@ def test_stage2_student_samples_clips_with_flow(setup, tmp_path):
     assert ckpt.read_weights(ckpt.find_weights(run)).config.model.guidance_inputs == 1 + 6
     for steps, conds in ((1, "flow"), (2, "text,mask,flow")):
         assert _tool(["--ckpt", run, "--data", root / "echo", "--num=1", "--sampler=lcm", f"--steps={steps}",
-                      f"--conditions={conds}", "--previews=0", "--out", tmp_path / f"v{steps}"])[0] == 0
+                      f"--conditions={conds}", "--previews=0", "--out", tmp_path / f"v{steps}",
+                      "--gif", tmp_path / f"v{steps}.gif"])[0] == 0
         with h5py.File(tmp_path / f"v{steps}" / "samples.h5") as f:
             assert f["video"].shape == (1, 4, 32, 32) and "flow" in f
+    from PIL import Image
+    gif = Image.open(tmp_path / "v2.gif")                   # the clip beside its mask: two panels, 4 frames
+    assert gif.n_frames == 4 and gif.size[1] >= 256 and gif.size[0] > 2 * gif.size[1]
 
 
 def test_bad_input_is_one_clear_message(setup, tmp_path, capsys):

@@ -41,7 +41,7 @@ from heartbeat.config import CONDITIONS, Config, ConfigError  # noqa: E402
 from heartbeat.diffusion import SAMPLERS, SPACINGS, make_timesteps  # noqa: E402
 from heartbeat.guidance import GuidanceError, GuidanceSpec  # noqa: E402
 from heartbeat import sampling as S  # noqa: E402
-from heartbeat.preview import write_previews  # noqa: E402
+from heartbeat.preview import write_gif, write_previews  # noqa: E402
 from heartbeat.distill import StudentError, check_request, student_scales  # noqa: E402
 from heartbeat.stages import model_stage, sampling_stages  # noqa: E402
 
@@ -76,6 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--flow", default="", help="optical flow .npy (F, 2, H, W) in pixels")
     p.add_argument("--prior_frame", type=int, default=-1, help="clip frame used as image prior (-1: middle)")
     p.add_argument("--previews", type=int, default=4, help="samples previewed as GIF/MP4")
+    p.add_argument("--gif", default="", help="also write sample 0 beside its conditions as this GIF (Pillow)")
     p.add_argument("--no_ema", action="store_true", help="raw weights instead of the EMA")
     p.add_argument("--save_latents", action="store_true", help="also store the sampled latents")
     p.add_argument("--compile", action="store_true", help="run the UNet through torch.compile (slow first batch)")
@@ -217,6 +218,8 @@ def plan(args) -> dict:
         raise S.SampleError(f"output folder {out} already exists; pass --force to write into it "
                             f"(samples.h5 is replaced only once the new one is complete) or another --out")
     num = args.num or len(source)
+    if args.gif and Path(args.gif).exists() and not args.force:
+        raise S.SampleError(f"--gif={args.gif} already exists; pass --force to replace it or name another file")
     return dict(path=path, meta=meta, cfg=cfg, video=video, used=used, spec=spec, source=source, out=out,
                 num=num, labels=labels)
 
@@ -272,6 +275,8 @@ def run(args, p: dict, rank: int, world: int, device) -> Path | None:
     for f in parts_files:
         f.unlink(missing_ok=True)
     previews = write_previews(final, out, count=args.previews)
+    if args.gif:
+        previews.append(write_gif(final, args.gif))
     (out / "sample_args.json").write_text(json.dumps(vars(args), indent=2, default=str))
     n = p["num"]
     print(f"wrote {n} samples ({label or 'unconditional'}; {Fr} frame(s) each) to {final} and "
