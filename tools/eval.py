@@ -24,6 +24,8 @@ Metrics (docs/METRICS.md gives the exact protocols):
            dice_lv / dice_myo / dice_la against the conditioning masks (per clip, then averaged),
            mv_px: annulus points of the segmentation vs the conditioning mv_points,
            flow_epe_px: DIS flow of the generated clip vs the conditioning flow inside the sector,
+           warp_err: frame f+1 warped onto frame f by the clip's own DIS flow, mean |difference|
+           in grey levels inside the sector (temporal consistency; clips of 2+ frames),
            ef_err: |area-EF of the segmentation - area-EF of the conditioning masks| (percent),
            ef_req_err: |area-EF of the segmentation - the requested EF| (sample.py --anatomy=model).
   privacy  copy_rate: the fraction of generated clips nearer a real training clip (the segmenter's
@@ -56,7 +58,7 @@ METRICS = ("fid", "fvd", "ssim", "control", "privacy")
 SHORT = {"text": "T", "image": "I", "sketch": "S", "mask": "M", "mv": "V", "flow": "F"}
 STRUCTURES = {1: "lv", 2: "myo", 3: "la"}
 COLUMNS = ("n", "fid", "fvd", "ssim", "dice_lv", "dice_myo", "dice_la", "mv_px", "flow_epe_px",
-           "ef_err", "ef_req_err", "copy_rate")
+           "warp_err", "ef_err", "ef_req_err", "copy_rate")
 
 
 class EvalError(Exception):
@@ -212,9 +214,11 @@ def control_metrics(frames: np.ndarray, seg: np.ndarray, cond: Conditions, i: in
         if np.isfinite(d).any():
             out["mv_px"] = float(np.nanmean(d))
     flow = cond.get("flow", i)
-    if flow is not None and len(frames) > 1:
-        est = M.estimate_flow(frames)
+    est = M.estimate_flow(frames) if len(frames) > 1 else None
+    if flow is not None and est is not None:
         out["flow_epe_px"] = M.flow_epe(est[:-1], np.asarray(flow[:-1], np.float32), sector)
+    if est is not None:                          # temporal consistency: the clip under its own flow
+        out["warp_err"] = M.warp_error(frames, est, sector)
     return out
 
 

@@ -47,8 +47,9 @@ from heartbeat.config import CONDITIONS, Config, ConfigError  # noqa: E402
 from heartbeat.diffusion import SAMPLERS, SPACINGS, make_timesteps  # noqa: E402
 from heartbeat.guidance import GuidanceError, GuidanceSpec  # noqa: E402
 from heartbeat import sampling as S  # noqa: E402
-from heartbeat.preview import write_previews  # noqa: E402
-from heartbeat.stages import get_stage, sampling_stages  # noqa: E402
+from heartbeat.preview import write_gif, write_previews  # noqa: E402
+from heartbeat.distill import StudentError, check_request, student_scales  # noqa: E402
+from heartbeat.stages import model_stage, sampling_stages  # noqa: E402
 
 FILE_OPTIONS = {"mask": "mask", "prior": "image", "prompt": "text", "sketch": "sketch", "flow": "flow"}
 
@@ -81,8 +82,11 @@ def parse_args(argv=None):
     p.add_argument("--flow", default="", help="optical flow .npy (F, 2, H, W) in pixels")
     p.add_argument("--prior_frame", type=int, default=-1, help="clip frame used as image prior (-1: middle)")
     p.add_argument("--previews", type=int, default=4, help="samples previewed as GIF/MP4")
+    p.add_argument("--gif", default="", help="also write sample 0 beside its conditions as this GIF (Pillow)")
     p.add_argument("--no_ema", action="store_true", help="raw weights instead of the EMA")
     p.add_argument("--save_latents", action="store_true", help="also store the sampled latents")
+    p.add_argument("--compile", action="store_true", help="run the UNet through torch.compile (slow first batch)")
+    p.add_argument("--cuda_graph", action="store_true", help="replay each step's UNet call from a CUDA graph (GPU)")
     p.add_argument("--device", default="", help="default: cuda:LOCAL_RANK if CUDA, else cpu")
     p.add_argument("--anatomy", default="", choices=("", "model"),
                    help="model: masks and MV from the parametric heart model (heartbeat/anatomy.py)")
@@ -188,7 +192,8 @@ def plan(args) -> dict:
     """Everything checked before any process group, folder or model exists."""
     from heartbeat.data import DataError, find_split
     path, meta, cfg = read_checkpoint_config(args.ckpt)
-    video = get_stage(meta["stage"]).video
+    stage = model_stage(meta["stage"], cfg.model)          # a distilled student: its teacher's stage
+    video = stage.video
     used = resolve_conditions(args, cfg, video)
     try:
         spec = GuidanceSpec.parse(args.guidance)
@@ -199,6 +204,12 @@ def plan(args) -> dict:
         make_timesteps(args.steps, args.spacing, cfg.model.timesteps)
     except ValueError as e:
         raise S.SampleError(f"--steps={args.steps}: {e}") from None
+    try:                                                   # a student: lcm, its steps, its scales
+        check_request(cfg.model, args.sampler, args.steps)
+        if args.sampler == "lcm":
+            student_scales(cfg.model, spec)
+    except StudentError as e:
+        raise S.SampleError(f"--ckpt={args.ckpt}: {e}") from None
     if args.batch < 1 or args.num < 0 or args.frames < 0:
         raise S.SampleError("--batch must be >= 1, --num and --frames >= 0")
     if video and args.frames > cfg.model.max_frames:
@@ -227,7 +238,7 @@ def plan(args) -> dict:
     else:
         source = S.FileSource(cfg, used, args.frames or None, video, files)
         from data_prep.h5io import CMR_LABELS, ECHO_LABELS
-        modality_labels = CMR_LABELS if get_stage(meta["stage"]).modality == "cmr" else ECHO_LABELS
+        modality_labels = CMR_LABELS if stage.modality == "cmr" else ECHO_LABELS
         labels = {str(k): v for k, v in modality_labels.items()}
     out = Path(args.out) if args.out else path.parent / "samples"
     if out.exists() and not out.is_dir():
@@ -249,6 +260,8 @@ def plan(args) -> dict:
         if not args.segmenter:
             raise S.SampleError("--filter_copies needs --segmenter=FILE (python tools/train.py --stage=seg, or the "
                                 "segmenter.safetensors tools/eval.py writes)")
+    if args.gif and Path(args.gif).exists() and not args.force:
+        raise S.SampleError(f"--gif={args.gif} already exists; pass --force to replace it or name another file")
     return dict(path=path, meta=meta, cfg=cfg, video=video, used=used, spec=spec, source=source, out=out,
                 num=num, labels=labels)
 
@@ -310,6 +323,8 @@ def run(args, p: dict, rank: int, world: int, device) -> Path | None:
                           record=out / "copies.json")
         print(f"{summary(rep)}; dropped them, kept {rep['info']['kept']} (list: {out / 'copies.json'})")
     previews = write_previews(final, out, count=args.previews)
+    if args.gif:
+        previews.append(write_gif(final, args.gif))
     (out / "sample_args.json").write_text(json.dumps(vars(args), indent=2, default=str))
     n = p["num"]
     print(f"wrote {n} samples ({label or 'unconditional'}; {Fr} frame(s) each) to {final} and "
@@ -329,7 +344,8 @@ def _sample_part(args, p, parts, source, ks, part, common, label, latent_shape, 
             jobs = [source.job(k, args.seed + k) for k in ks[b:b + args.batch]]
             z0, video = S.generate(parts, cfg, jobs, steps=args.steps, sampler=args.sampler, eta=args.eta,
                                    guidance=p["spec"], used=used, device=device, spacing=args.spacing,
-                                   rescale=args.guidance_rescale)
+                                   rescale=args.guidance_rescale, compile=args.compile,
+                                   cuda_graph=args.cuda_graph)
             for j, job in enumerate(jobs):
                 rec = job["record"]
                 meta = dict(common, seed=rec["seed"], source_index=rec["source_index"], frames=Fr,
@@ -356,6 +372,10 @@ def main(argv=None) -> int:
         device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    elif args.cuda_graph:
+        if rank == 0:
+            print(f"error: --cuda_graph needs a CUDA device (this run samples on {device}); drop it", file=sys.stderr)
+        return 2
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     created = not p["out"].exists()
