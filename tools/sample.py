@@ -321,7 +321,8 @@ def run(args, p: dict, rank: int, world: int, device) -> Path | None:
         from heartbeat.segmenter import load_segmenter
         rep = filter_file(final, args.copy_ref or args.data, load_segmenter(args.segmenter), args.copy_quantile,
                           record=out / "copies.json")
-        print(f"{summary(rep)}; dropped them, kept {rep['info']['kept']} (list: {out / 'copies.json'})")
+        print(f"{summary(rep)}; dropped {len(rep['info']['dropped'])}, kept {rep['info']['kept']} "
+              f"(record: {out / 'copies.json'})")
     previews = write_previews(final, out, count=args.previews)
     if args.gif:
         previews.append(write_gif(final, args.gif))
