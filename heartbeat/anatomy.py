@@ -26,6 +26,7 @@ VIEWS = ("2CH", "4CH")
 CONDITIONS = ("text", "mask", "mv")        # what the model gives a sampler
 S_MAX = 0.6                                 # strongest contraction tried (the phantom's own stay below 0.45)
 MAX_AREA_EF = {"2CH": 0.65, "4CH": 0.42}    # what every drawn geometry reaches by S_MAX, with redraws
+SOLVE_TOL = 0.01                            # a solved strength further off than this: redraw the geometry
 REDRAWS = 20                                # geometries tried per clip before giving up
 
 
@@ -81,7 +82,11 @@ def solve_area_strength(an: dict, view: str, ef: float, size: int, iters: int = 
             lo = mid
         else:
             hi = mid
-    return (lo + hi) / 2
+    s = (lo + hi) / 2
+    # near the top the area is not monotone in the strength for some geometries: check the result
+    if abs(area_ef_of(ed, phantom.frame_labels(cart, inside, geo, s)[1]) - ef) > SOLVE_TOL:
+        raise AnatomyError(f"--ef: area EF {ef:.3f} is not reached cleanly by this {view} geometry")
+    return s
 
 
 def model_clip(view: str, ef: float, frames: int, size: int, rng: np.random.Generator) -> dict:
@@ -92,11 +97,17 @@ def model_clip(view: str, ef: float, frames: int, size: int, rng: np.random.Gene
         an = phantom.sample_anatomy(rng)
         try:
             s = solve_area_strength(an, view, ef, size)
-            break
         except AnatomyError:
             if attempt == REDRAWS - 1:
                 raise
-    mask, pts = phantom.echo_masks(an, view, frames, size, s)
+            continue
+        mask, pts = phantom.echo_masks(an, view, frames, size, s)
+        # the clip inverts the motion frame by frame from the previous frame; near the model's limit
+        # that can land elsewhere than the solve's direct inversion: check the clip itself
+        if abs(area_ef_of(mask[0], mask[-1]) - ef) <= SOLVE_TOL:
+            break
+        if attempt == REDRAWS - 1:
+            raise AnatomyError(f"--ef: area EF {ef:.3f} is not reached cleanly by the {view} model; ask for less")
     mv = np.stack([mv_image(p, size) for p in pts])
     meta = dict(ef_requested=round(float(ef), 4), ef_area=round(area_ef_of(mask[0], mask[-1]), 4),
                 ef_area_length=round(phantom.area_length_ef(mask[0], mask[-1], pts[0], pts[-1]) / 100, 4),

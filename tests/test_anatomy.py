@@ -30,6 +30,13 @@ def test_model_masks_reach_requested_area_ef(view):
         assert c["meta"]["ef_requested"] == ef and c["view"] == view
 
 
+def test_model_limit_4ch_clip_not_only_the_solve():
+    """At the 4CH limit the frame-by-frame clip once missed the solved EF by 8 points (rng [k, 42])."""
+    for k in range(10):
+        m = A.model_clip("4CH", 0.42, frames=16, size=64, rng=np.random.default_rng([k, 42]))["mask"]
+        assert abs(A.area_ef_of(m[0], m[-1]) - 0.42) <= A.SOLVE_TOL, k
+
+
 @pytest.mark.parametrize("text", ["0", "1", "35", "-0.2", "0.7:0.2", "abc", "0.1:0.2:0.3"])
 def test_bad_ef(text):
     with pytest.raises(A.AnatomyError, match="--ef"):
