@@ -371,36 +371,3 @@ def supports(x, *rest) -> bool:
 def group_norm_silu_ref(x, weight, bias, num_groups, eps=1e-5, silu=True):
     y = torch.nn.functional.group_norm(x, num_groups, weight, bias, eps)
     return torch.nn.functional.silu(y) if silu else y
-
-
-def compile_variants(full=False):
-    from .compile_check import Variant, make_signature, ptr
-    out = []
-    # (C, S, N, dtype, layout): the UNet's levels (320/640/1280 channels at 32/16/8 latent) plus ragged S
-    cases = [(320, 32 * 32, 16, torch.bfloat16, "cf"), (640, 16 * 16, 1, torch.bfloat16, "cl"),
-             (1280, 8 * 8, 2, torch.float16, "cf"), (320, 33, 1, torch.float32, "cf"),
-             (128, 256 * 256, 1, torch.bfloat16, "cl")]
-    if full:
-        cases += [(C, S, N, dt, lay) for C in (128, 256, 512, 320, 640, 1280) for S in (64, 1024, 4096, 37)
-                  for N in (1, 32) for dt in DTYPES for lay in ("cf", "cl")]
-    for C, S, N, dt, lay in cases:
-        bc, bs, split, chunk, warps = plan(N, C, S, 32)
-        unit = ("sxs", "sys", "sds", "sgs") if lay == "cf" else ("sxc", "syc", "sdc", "sgc")
-        base = dict(BLOCK_C=bc, BLOCK_S=bs, MASK_C=bc != C // 32, MASK_S=S % bs != 0)
-        tag = f"C={C} S={S} N={N} {str(dt)[6:]} {lay} SPLIT={split} BC={bc} BS={bs}"
-        ks = [(_gn_fwd, dict(base, SPLIT=split, BLOCK_SPLIT=triton.next_power_of_2(split), SILU=True),
-               dict(X=ptr(dt), W="*fp32", B="*fp32", Y=ptr(dt), MEANP="*fp32", M2P="*fp32", CNTP="*fp32",
-                    MEAN="*fp32", RSTD="*fp32"), ("eps",))]
-        if split > 1:
-            ks.append((_gn_stats, dict(base, SPLIT=split),
-                       dict(X=ptr(dt), MEANP="*fp32", M2P="*fp32", CNTP="*fp32"), ()))
-        for phase in ((2,) if split == 1 else (0, 1)):
-            ks.append((_gn_bwd, dict(base, SPLIT=split, SILU=True, PHASE=phase),
-                       dict(X=ptr(dt), DY=ptr(dt), W="*fp32", B="*fp32", MEAN="*fp32", RSTD="*fp32",
-                            AP="*fp32", BP="*fp32", DX=ptr(dt)), ()))
-        for kernel, const, ptrs, floats in ks:
-            c = dict(const, **{n: 1 for n in unit if n in kernel.arg_names})
-            sig = make_signature(kernel, ptrs, floats=floats, constexprs=c)
-            out.append(Variant(f"{kernel.__name__} {tag} {const.get('PHASE', '')}".strip(), kernel, sig, c,
-                               warps, 1 if kernel is _gn_fwd and split == 1 else 2))
-    return out

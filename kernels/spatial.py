@@ -190,39 +190,3 @@ def attention_ref(q, k, v, scale=None):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
-
-
-def compile_variants(full=False):
-    """The variants the launchers above can produce, for kernels/compile_check.py (see there)."""
-    from .compile_check import Variant, make_signature, ptr
-    out = []
-    bf, fp, f32 = torch.bfloat16, torch.float16, torch.float32
-    if full:
-        cases = [(D, dt, em, en) for D in (16, 40, 64, 80, 96, 128, 160, 256)
-                 for dt in DTYPES for em in (False, True) for en in (False, True)]
-    else:  # every config bucket, every dtype once, ragged and even flags, the SD1.5 head dims
-        cases = [(40, bf, False, False), (40, bf, True, True), (64, fp, False, True), (80, bf, False, False),
-                 (160, bf, False, False), (256, bf, True, False), (40, f32, False, False)]
-    # every autotuning candidate that is not a default, at one ragged shape per head-dim bucket
-    tune = [(D, bf, False, False, f, None) for D in (40, 80, 160) for f in FWD_CANDIDATES[bucket(D)][1:]]
-    tune += [(D, bf, False, False, None, b) for D in (40, 80, 160) for b in BWD_CANDIDATES[bucket(D)][1:]]
-    cases = [c + (fwd_config(c[0], c[1]), bwd_config(c[0], c[1])) for c in cases] + tune
-    for D, dt, even_m, even_n, fcfg, bcfg in cases:
-        flags = dict(**head_flags(D), EVEN_M=even_m, EVEN_N=even_n, PREC=precision(dt))
-        tag = f"D={D} {str(dt)[6:]} EVEN_M={even_m} EVEN_N={even_n}"
-        unit = {n: 1 for n in ("sqd", "skd", "svd", "sod", "sdod", "sdqd", "sdkd", "sdvd")}
-        (dq_bm, dq_bn), (kv_bm, kv_bn), bw, bs = bwd_blocks(bcfg or bwd_config(D, dt))
-        for kernel, cfg, ptrs in (
-                (_attn_fwd, fcfg, dict(Q=ptr(dt), K=ptr(dt), V=ptr(dt), O=ptr(dt), LSE="*fp32")),
-                (_attn_bwd_dq, (dq_bm, dq_bn, bw, bs), dict(Q=ptr(dt), K=ptr(dt), V=ptr(dt), O=ptr(dt), DO=ptr(dt),
-                                                        DQ=ptr(dt), LSE="*fp32", DELTA="*fp32")),
-                (attn_bwd_dkdv, (kv_bm, kv_bn, bw, bs), dict(Q=ptr(dt), K=ptr(dt), V=ptr(dt), DO=ptr(dt), DK=ptr(dt),
-                                                          DV=ptr(dt), LSE="*fp32", DELTA="*fp32"))):
-            if (kernel is _attn_fwd and fcfg is None) or (kernel is not _attn_fwd and bcfg is None):
-                continue
-            bm, bn, warps, stages = cfg
-            const = dict(flags, BLOCK_M=bm, BLOCK_N=bn, **{n: 1 for n in unit if n in kernel.arg_names})
-            sig = make_signature(kernel, ptrs, floats=("qk_scale", "sm_scale"), constexprs=const)
-            out.append(Variant(f"{kernel.__name__} {tag} BM={bm} BN={bn}", kernel, sig, const,
-                               warps, stages, expect_mma=dt != torch.float32))
-    return out

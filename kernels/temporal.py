@@ -273,29 +273,3 @@ def temporal_attention_ref(q, k, v, scale=None):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = torch.einsum("...qhd,...khd->...hqk", q, k) * scale
     return torch.einsum("...hqk,...khd->...qhd", s.softmax(-1), v)
-
-
-def compile_variants(full=False):
-    from .compile_check import Variant, make_signature, ptr
-    out = []
-    if full:
-        cases = [(F, D, dt, m) for F in (1, 7, 8, 16, 24, 32, 64) for D in (16, 40, 64, 80, 128, 160, 256)
-                 for dt in DTYPES for m in (False, True) if m or triton.next_power_of_2(F) == F]
-    else:  # the UNet's 16 frames at every SD1.5 head dim, odd / single / maximal frame counts
-        bf = torch.bfloat16
-        cases = [(16, 40, bf, False), (16, 40, bf, True), (16, 80, bf, True), (16, 160, bf, False),
-                 (7, 40, bf, True), (1, 80, bf, False), (64, 160, bf, True), (16, 40, torch.float16, True),
-                 (16, 40, torch.float32, True)]
-    for F, D, dt, row_mask in cases:
-        rows, fp = tile_rows(F), triton.next_power_of_2(F)
-        warps, stages = launch_config(D, dt)
-        const = dict(ROWS=rows, FP=fp, **head_flags(D), ROW_MASK=row_mask, PREC=precision(dt))
-        tag = f"F={F} D={D} {str(dt)[6:]} ROW_MASK={row_mask} ROWS={rows}"
-        for kernel, ptrs in ((_temporal_fwd, dict(Q=ptr(dt), K=ptr(dt), V=ptr(dt), O=ptr(dt))),
-                             (_temporal_bwd, dict(Q=ptr(dt), K=ptr(dt), V=ptr(dt), DO=ptr(dt), DQ=ptr(dt),
-                                                  DK=ptr(dt), DV=ptr(dt)))):
-            c = dict(const, **{n: 1 for n in ("sqd", "skd", "svd", "sod", "sdod", "sgd") if n in kernel.arg_names})
-            sig = make_signature(kernel, ptrs, floats=("qk_scale", "sm_scale"), constexprs=c)
-            out.append(Variant(f"{kernel.__name__} {tag}", kernel, sig, c, warps, stages,
-                               expect_mma=dt != torch.float32))
-    return out

@@ -12,7 +12,7 @@ on; a candidate that fails to launch (too much shared memory on a smaller GPU) i
 first call per shape therefore costs a compile and a few runs per candidate: that is why it is off
 by default. The candidates are the lists in kernels/_common.py (FWD_CANDIDATES, BWD_CANDIDATES,
 used by the spatial and the dual cross-attention kernels, fp16/bf16 only; fp32 keeps the heuristic).
-Every candidate is compiled offline for sm_90 and sm_80 in the tests (compile_variants), so one
+Every candidate is compiled offline for sm_90 and sm_80 in the tests (kernels/compile_check.py --set coverage), so one
 that cannot compile fails CI rather than a user's first tuned run.
 
 Re-running a kernel to time it is harmless: none of these kernels accumulate into their outputs

@@ -144,26 +144,33 @@ def test_supports_rejects_cpu_and_bad_shapes():
         assert kernels.supports("group_norm_silu", rand(2, 64, 8, 8))
 
 
-@pytest.mark.skipif(not triton_ok(), reason="triton is not importable")
-def test_offline_compile_sm90_sm80(tmp_path):
-    """Every variant of every kernel compiles for sm_90 and sm_80 within the shared-memory limits;
-    matmul-heavy low-precision variants use wgmma on sm_90 and mma on sm_80."""
-    out = tmp_path / "compile.json"
+def compile_records(tmp_path, *args):
+    """Run `python -m kernels.compile_check ARGS --json` in a subprocess (no interpreter) -> records."""
+    out = tmp_path / f"compile{len(list(tmp_path.iterdir()))}.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--json", str(out)],
+    r = subprocess.run([sys.executable, "-m", "kernels.compile_check", *args, "--json", str(out)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     print(r.stdout[-20000:])
     records = json.loads(out.read_text()) if out.exists() else []
-    errors = [f"sm_{x['arch']} {x['name']}: {x['error'][:500]}" for x in records if "error" in x]
+    errors = [f"sm_{x['arch']} {x['kernel']} [{x['case']}]: {x['error'][:500]}" for x in records if "error" in x]
     assert r.returncode == 0 and not errors, "\n".join(errors) or r.stderr[-5000:]
     assert records
+    return records
+
+
+@pytest.mark.skipif(not triton_ok(), reason="triton is not importable")
+def test_offline_compile_sm90_sm80(tmp_path):
+    """What the launchers really launch (captured through the JIT, kernels/compile_check.py) compiles:
+    the sd15 shapes for sm_90 and sm_80, the coverage set (other dtypes, head dims, ragged lengths,
+    every tuning candidate) for sm_90; within the shared-memory limits; low-precision attention
+    kernels use wgmma on sm_90 and mma.sync on sm_80."""
+    records = compile_records(tmp_path, "--set", "sd15", "--arch", "90", "80")
+    records += compile_records(tmp_path, "--set", "coverage", "--arch", "90")
     for x in records:
-        assert x["shared"] <= x["smem_limit"], f"sm_{x['arch']} {x['name']}: smem {x['shared']} over the limit"
+        name = f"sm_{x['arch']} {x['kernel']} [{x['case']}]"
+        assert x["shared"] <= x["smem_limit"], f"{name}: smem {x['shared']} over the limit"
         if x["expect_mma"]:
-            if x["arch"] == 90:
-                assert x["wgmma"], f"sm_90 {x['name']}: no wgmma in the PTX"
-            else:
-                assert x["mma_sync"], f"sm_80 {x['name']}: no mma.sync in the PTX"
+            assert x["wgmma"] if x["arch"] == 90 else x["mma_sync"], f"{name}: no tensor-core MMA in the PTX"
 
 
 def test_dispatcher_reaches_the_kernels():

@@ -10,8 +10,10 @@ forward+backward, medians of CUDA-event timings after warm-up, in the same run a
 Each row: milliseconds, TFLOP/s from the useful-FLOP count below, GB/s from the byte count below,
 percentage of the ceiling and the ratio to the best baseline (best baseline time / ours, > 1 = faster).
 --e2e: the sd15 video UNet (heartbeat/unet.py) training step (16 frames, 256x256, batch 1, bf16
-autocast, AdamW on the temporal parameters) and a 50-step DDIM clip with classifier-free guidance,
-per attention backend (ModelConfig.attn_backend), with peak memory.
+autocast, AdamW on the temporal parameters; triton / sdpa, with and without gradient checkpointing)
+and a guided 50-step DDIM clip, with peak memory: tools/gpu_check.py's e2e and clip sections.
+--write-dispatch: record which kernels beat the best baseline on this GPU in kernels/dispatch.json.
+Output: our rows only (with the ratio to the best baseline); --verbose prints every baseline row.
 
 Useful FLOPs (softmax and recomputation not counted):
   attention   fwd 4 B H Lq Lk D (QK^T and PV);  bwd 8 B H Lq Lk D (dV, dP, dQ, dK)
@@ -53,9 +55,9 @@ DEVICE = "cuda" if CUDA else "cpu"
 # sd15 video UNet at 256x256 (latent 32x32), 8 heads: head dims 40 / 80 / 160 at 32 / 16 / 8
 SPATIAL = [(32, 1024, 8, 40), (32, 256, 8, 80), (32, 64, 8, 160), (4, 4096, 8, 64)]   # (B*F, L, H, D)
 TEMPORAL = [(1024, 320), (256, 640), (64, 1280), (16, 1280)]   # (h*w, C) per level (+ mid), F = 16
-DUAL = [(b, l, h, d, 77, li) for (b, l, h, d) in SPATIAL[:3] for li in (16, 64)]
-GROUPNORM = [(320, 32), (640, 32), (960, 32), (320, 16), (640, 16), (960, 16), (1280, 16), (1920, 16),
-             (640, 8), (1280, 8), (1920, 8), (2560, 8), (1280, 4), (2560, 4)]   # (C, h = w), N = 32
+DUAL = [(b, l, h, d, 77, 16) for (b, l, h, d) in SPATIAL[:3]]
+# (C, h = w), N = 32: the sd15 UNet's GroupNorm widths per level (one JIT specialisation each)
+GROUPNORM = [(320, 32), (960, 32), (640, 16), (1920, 16), (1280, 8), (2560, 8), (1280, 4)]
 
 
 # ----------------------------------------------------------------------------- timing
@@ -178,8 +180,8 @@ def bench_spatial(reps, ceil):
     rows = []
     for B, L, H, D in SPATIAL:
         impls = attention_impls()
-        if B * H * L * L * 4 > 8e9:
-            impls.pop("math")   # the score matrix alone would not fit comfortably
+        if L > 1024:
+            impls.pop("math")   # eager math at L=4096 costs seconds of a short GPU window and says nothing new
 
         def make(name):
             xs = [torch.randn(B, L, H, D, device=DEVICE, dtype=BF16, requires_grad=True) for _ in range(3)]
@@ -286,69 +288,21 @@ def bench_groupnorm(reps, ceil):
 # ----------------------------------------------------------------------------- end to end
 
 def bench_e2e(reps):
-    try:
-        from heartbeat.config import get_config
-        from heartbeat.diffusion import Schedule, sample
-        from heartbeat.unet import UNet
-    except Exception as e:
-        print(f"--e2e skipped: the UNet cannot be imported ({type(e).__name__}: {e})")
-        return []
-    backends = ["triton", "sdpa"]
-    try:
-        import xformers.ops as _xops  # noqa: F401
-        backends.append("xformers")
-    except Exception:
-        pass
+    """The training step (triton / sdpa, with and without gradient checkpointing) and the guided
+    50-step clip, as tools/gpu_check.py measures them (one UNet built on the GPU, one definition)."""
+    from tools import gpu_check
     rows = []
-    for be in backends:
-        row = dict(kernel="e2e", impl=be)
+    for section, label in ((gpu_check.section_e2e, "train"), (gpu_check.section_clip, "clip")):
         try:
-            cfg = get_config("sd15").model
-            cfg.attn_backend = be
-            torch.manual_seed(0)
-            unet = UNet(cfg).cuda()
-            unet.inflate()
-            opt = torch.optim.AdamW(unet.temporal_parameters(), lr=1e-4)
-            Fr, h = cfg.frames, cfg.latent_size
-            z = torch.randn(1, Fr, cfg.latent_channels, h, h, device="cuda")
-            text = torch.randn(1, cfg.text_tokens, cfg.context_dim, device="cuda")
-            image = torch.randn(1, cfg.prior_tokens, cfg.context_dim, device="cuda")
-            t = torch.tensor([500], device="cuda")
-
-            def step():
-                with torch.autocast("cuda", dtype=BF16):
-                    loss = F.mse_loss(unet(z, t, text=text, image=image).float(), z)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            torch.cuda.reset_peak_memory_stats()
-            row["train_step_ms"] = round(cuda_ms(step, warmup=3, reps=max(5, reps // 2)), 2)
-            row["train_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
-
-            @torch.no_grad()
-            def model_fn(x, tt):   # classifier-free guidance, scale 7.5: one batched call of 2
-                with torch.autocast("cuda", dtype=BF16):
-                    e = unet(torch.cat([x, x]), torch.cat([tt, tt]), text=torch.cat([torch.zeros_like(text), text]),
-                             image=torch.cat([torch.zeros_like(image), image])).float()
-                u, c = e.chunk(2)
-                return u + 7.5 * (c - u)
-            sample(model_fn, z, steps=2, sampler="ddim", schedule=Schedule.sd15())   # warm-up
-            torch.cuda.reset_peak_memory_stats()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            sample(model_fn, z, steps=50, sampler="ddim", schedule=Schedule.sd15())
-            torch.cuda.synchronize()
-            row["ddim50_cfg_s"] = round(time.perf_counter() - t0, 3)
-            row["ddim_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
-            unet = opt = None   # free this backend's model before the next one is built
+            runs = section(False)["runs"]
         except Exception as e:
-            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-        rows.append(row)
+            rows.append(dict(kernel="e2e", impl=label, error=f"{type(e).__name__}: {str(e)[:200]}"))
+            continue
+        for r in runs:
+            impl = f"{label} {r['backend']}" + (" checkpointing" if r.get("grad_checkpointing") else "")
+            rows.append(dict(kernel="e2e", impl=impl, **{k: v for k, v in r.items()
+                                                          if k not in ("backend", "grad_checkpointing")}))
         torch.cuda.empty_cache()
-    ref = next((r for r in rows if r["impl"] == "triton" and "error" not in r), None)
-    for r in rows:
-        if ref and r is not ref and "error" not in r:
-            r["triton_speedup_train"] = round(r["train_step_ms"] / ref["train_step_ms"], 2)
     return rows
 
 
@@ -394,8 +348,11 @@ def cpu_smoke():
 
 # ----------------------------------------------------------------------------- main
 
-def print_rows(rows):
+def print_rows(rows, verbose=False):
+    """Our rows (with the ratio to the best baseline); every baseline row too with --verbose."""
     for r in rows:
+        if not verbose and r.get("impl") not in ("triton", None) and r.get("kernel") != "e2e":
+            continue
         if "error" in r:
             print(f"  {r['kernel']:15s} {r.get('shape', ''):36s} {r['impl']:28s} n/a ({r['error']})")
             continue
@@ -474,6 +431,7 @@ def main(argv=None):
     ap.add_argument("--json", help="write the environment and every row here")
     ap.add_argument("--reps", type=int, default=20, help="timed repetitions per measurement (median)")
     ap.add_argument("--only", nargs="+", choices=["spatial", "temporal", "dual", "groupnorm"])
+    ap.add_argument("--verbose", action="store_true", help="print every baseline row, not only ours")
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU: run the kernel tables' code on tiny shapes in the interpreter (checks this "
                          "script; the numbers mean nothing)")
@@ -505,7 +463,7 @@ def main(argv=None):
                 continue
             rows = fn(1, ceil)
             print(f"[{name}]")
-            print_rows(rows)
+            print_rows(rows, args.verbose)
             result["rows"] += rows
     elif not CUDA:
         print("No CUDA device: every timing row (kernels, ceilings, baselines, --e2e) needs a GPU and is "
@@ -526,12 +484,12 @@ def main(argv=None):
                     continue
                 rows = fn(args.reps, ceil)
                 print(f"[{name}]")
-                print_rows(rows)
+                print_rows(rows, args.verbose)
                 result["rows"] += rows
         if args.e2e:
             rows = bench_e2e(args.reps)
             print("[e2e]")
-            print_rows(rows)
+            print_rows(rows, args.verbose)
             result["rows"] += rows
     if args.write_dispatch:
         write_dispatch(result, env, args.force)
