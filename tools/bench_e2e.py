@@ -3,7 +3,7 @@
     python tools/bench_e2e.py                                  # sd15 shapes, batch 2, 32x32 latent, fp32, CPU
     python tools/bench_e2e.py --device=cuda --dtype=bf16       # on a GPU (bf16 autocast, as training runs)
     python tools/bench_e2e.py --quick                          # narrow sd15-shaped UNet, seconds on a CPU
-    options: --repeats=N --batch=B --latent=S --attn_backend=NAME --json=PATH [--force]
+    options: --repeats=N --batch=B --latent=S --attn_backend=NAME --memory_format=NAME --json=PATH [--force]
 
 Both models have the structure of the preset (sd15: widths 320/640/1280/1280, two ResBlocks per
 level, attention on the first three, 8 heads, 768-wide text context; --quick divides the widths by
@@ -15,6 +15,8 @@ model in turn (the order alternates between repeats), one forward under no_grad 
 forward + backward of mean(out^2) with parameter gradients; the report gives medians and the ratio
 diffusers / ours (> 1: ours is faster), in wall time and, on the CPU, in process CPU time (steadier
 on a shared machine). The outputs of the two models are compared once (max |difference|).
+--memory_format=channels_last runs ours under the other layout policy (heartbeat/nn.py MEMORY_FORMAT:
+its own channels-last copy of the weights, made once); diffusers stays NCHW, the yardstick of both runs.
 
 diffusers is a test/reference dependency: it is imported here only, and its absence is one message.
 """
@@ -32,13 +34,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import heartbeat.nn  # noqa: E402
 from heartbeat.config import get_config  # noqa: E402
-from heartbeat.nn import MEMORY_FORMAT  # noqa: E402
 from heartbeat.unet import UNet  # noqa: E402
 from heartbeat.utils import autocast  # noqa: E402
 from heartbeat.weights import diffusers_unet_to_ldm  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def _diffusers():
@@ -73,7 +76,10 @@ def build_pair(cfg, device):
         flip_sin_to_cos=True, freq_shift=0, act_fn="silu", norm_eps=1e-5).to(device).eval()
     with torch.device("meta"):
         ours = UNet(cfg)
-    state = diffusers_unet_to_ldm(ref.state_dict(keep_vars=True))  # the Parameters themselves: shared
+    fmt = heartbeat.nn.MEMORY_FORMAT
+    state = diffusers_unet_to_ldm(ref.state_dict(keep_vars=fmt == torch.contiguous_format))  # NCHW: shared
+    if fmt != torch.contiguous_format:  # ours gets its own conv weights, laid out once; diffusers' stay NCHW
+        state = {k: v.contiguous(memory_format=fmt) if v.ndim == 4 else v for k, v in state.items()}
     missing, unexpected = ours.load_state_dict(state, strict=False, assign=True)
     if unexpected or not all(UNet.is_new_parameter(k) for k in missing):
         raise RuntimeError(f"weights do not map: unexpected {unexpected[:5]}, missing {missing[:5]}")
@@ -81,7 +87,7 @@ def build_pair(cfg, device):
         mod, leaf = name.rsplit(".", 1)
         m = ours.get_submodule(mod)
         setattr(m, leaf, torch.nn.Parameter(torch.zeros(getattr(m, leaf).shape, device=device)))
-    ours.to(memory_format=MEMORY_FORMAT)  # a no-op under NCHW; its own copies under channels-last
+    ours.to(memory_format=fmt)  # already so: a no-op
     return ref, ours.eval()
 
 
@@ -101,6 +107,7 @@ def run(a) -> dict:
         raise SystemExit("tools/bench_e2e.py: --device=cuda but CUDA is not available; use --device=cpu")
     if a.dtype == "bf16" and device.type != "cuda":
         raise SystemExit("tools/bench_e2e.py: --dtype=bf16 is the GPU path (bf16 autocast); on the CPU use fp32")
+    heartbeat.nn.MEMORY_FORMAT = FORMATS[a.memory_format]  # read by as_layout at every call
     cfg = model_config(a.quick)
     cfg.attn_backend = a.attn_backend
     torch.manual_seed(0)
@@ -151,7 +158,7 @@ def run(a) -> dict:
             "dtype": a.dtype, "torch": torch.__version__, "diffusers": _diffusers().__version__,
             "threads": torch.get_num_threads(), "quick": a.quick, "batch": a.batch, "latent": a.latent,
             "widths": list(cfg.unet_channels), "context_dim": cfg.context_dim, "repeats": a.repeats,
-            "attn_backend": a.attn_backend, "memory_format": str(MEMORY_FORMAT), "max_abs_diff": diff,
+            "attn_backend": a.attn_backend, "memory_format": a.memory_format, "max_abs_diff": diff,
             "max_abs_out": a_out.abs().max().item(), "rows": rows}
 
 
@@ -180,6 +187,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--latent", type=int, default=None, help="latent side; default 32 (16 with --quick)")
     ap.add_argument("--attn_backend", default="auto", help="our attention backend (auto: sdpa on the CPU)")
+    ap.add_argument("--memory_format", default="nchw", choices=sorted(FORMATS),
+                    help="our layout policy for this run (the library's is heartbeat/nn.py MEMORY_FORMAT = nchw)")
     ap.add_argument("--json", default=None, help="also write the result as JSON to this path")
     ap.add_argument("--force", action="store_true", help="overwrite --json if it exists")
     a = ap.parse_args(argv)
