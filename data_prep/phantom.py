@@ -206,8 +206,7 @@ def render_echo_clip(an: dict, view: str, F: int, S: int, rng: np.random.Generat
     psf_r, psf_t = max(0.5, 1.2 * S / 256), max(0.7, 3.5 * S / 256)
     att = np.exp(-an["atten"] * r)[:, None].astype(np.float32)
     haze = (an["haze"] * np.exp(-r / 0.06))[:, None].astype(np.float32)
-    t = np.arange(F) / max(F - 1, 1)
-    strengths = s_max * (1 - np.cos(np.pi * t)) / 2
+    strengths = cycle_strengths(s_max, F)
     video = np.zeros((F, S, S), np.uint8)
     mask = np.zeros((F, S, S), np.uint8)
     flow_true = np.zeros((F, 2, S, S), np.float32)
@@ -231,9 +230,7 @@ def render_echo_clip(an: dict, view: str, F: int, S: int, rng: np.random.Generat
         gray = np.clip((db - ref + 42) / 42, 0, 1) ** 1.4
         img = cv2.remap(gray.astype(np.float32), map_t, map_r, cv2.INTER_LINEAR)
         video[f] = np.where(inside, np.round(img * 255), 0).astype(np.uint8)
-        Xc = invert(cart, geo, s, X_prev, 10 if f == 0 else 5)
-        lab, _ = labels_and_reflectivity(Xc, geo, 0.0)
-        mask[f] = np.where(inside, lab, 0)
+        Xc, mask[f] = frame_labels(cart, inside, geo, s, X_prev)
         if f > 0:   # motion f-1 -> f at the pixels of frame f-1: d_f(X) - d_{f-1}(X), X from f-1
             flow_true[f - 1] = ((displacement(X_prev, geo, s) - displacement(X_prev, geo, strengths[f - 1]))
                                 * S).transpose(2, 0, 1)
@@ -245,6 +242,33 @@ def render_echo_clip(an: dict, view: str, F: int, S: int, rng: np.random.Generat
                 view=view, frames=list(range(F)), source="phantom",
                 anatomy={k: round(float(v), 4) for k, v in an.items()})
     return dict(video=video, mask=mask, mv_points=pts, flow_true=flow_true, meta=meta)
+
+
+def cycle_strengths(s_max: float, F: int) -> np.ndarray:
+    """Contraction strength of each of F frames, ED (0) -> ES (s_max) on a half cosine."""
+    t = np.arange(F) / max(F - 1, 1)
+    return s_max * (1 - np.cos(np.pi * t)) / 2
+
+
+def frame_labels(cart, inside, geo, s, X_prev=None):
+    """(material points, label map (S, S) uint8) of the frame at strength s; X_prev (the previous
+    frame's material points) is a warm start."""
+    Xc = invert(cart, geo, s, X_prev, 10 if X_prev is None else 5)
+    lab, _ = labels_and_reflectivity(Xc, geo, 0.0)
+    return Xc, np.where(inside, lab, 0).astype(np.uint8)
+
+
+def echo_masks(an: dict, view: str, F: int, S: int, s_max: float) -> tuple[np.ndarray, np.ndarray]:
+    """The label maps (F, S, S) uint8 and annulus points (F, 2, 2) of a clip ED -> ES at peak
+    strength s_max, without rendering the image (what render_echo_clip draws its masks from)."""
+    geo = view_geometry(an, view)
+    cart, _, _, inside, _, _ = _grids(S)
+    strengths = cycle_strengths(s_max, F)
+    mask = np.zeros((F, S, S), np.uint8)
+    X = None
+    for f, s in enumerate(strengths):
+        X, mask[f] = frame_labels(cart, inside, geo, s, X)
+    return mask, np.stack([_annulus_points(geo, s, S) for s in strengths])
 
 
 def _annulus_points(geo, s, S):

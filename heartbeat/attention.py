@@ -1,16 +1,19 @@
 """Attention (and GroupNorm+SiLU) with a backend dispatch, and the UNet's attention modules.
 
 Layout at every function here: (batch, length, heads, head_dim), the layout linear projections
-give for free (DESIGN.md §3). Backends (`ModelConfig.attn_backend`, or the environment variable
-HEARTBEAT_ATTN_BACKEND which wins):
+give for free (docs/ARCHITECTURE.md, "Tensors"). Backends (`ModelConfig.attn_backend`, or the
+environment variable HEARTBEAT_ATTN_BACKEND, read once when this module is imported, which wins):
 
     math      explicit softmax(q k^T * scale) v, softmax statistics in fp32; the reference
     sdpa      torch.nn.functional.scaled_dot_product_attention (PyTorch picks flash/mem-efficient/math)
     xformers  xformers.ops.memory_efficient_attention, when installed
-    triton    kernels/ (the project's Triton kernels)
-    auto      triton on CUDA where the kernel supports the shape, sdpa elsewhere
+    triton    kernels/ (the project's Triton kernels), forced: an unsupported input is an error
+    auto      a Triton kernel where kernels/dispatch.py says so (fp16/bf16 on CUDA, measured faster on
+              this GPU in kernels/dispatch.json, and a first-use self-check passed), sdpa elsewhere
 
-The UNet reaches the kernels only through these functions.
+Per call the dispatcher does no validation of its own and no import: `auto` is one cached decision
+per (op, device, dtype, head dim, grad), and the kernel's launcher checks its inputs once. The UNet
+reaches the kernels only through these functions.
 """
 from __future__ import annotations
 
@@ -24,37 +27,47 @@ import torch.nn.functional as F
 from .config import ATTN_BACKENDS
 
 _SDPA_MAX_BATCH = 32768  # CUDA grids limit batch*heads in some SDPA kernels: chunk above this
+_ENV_BACKEND = os.environ.get("HEARTBEAT_ATTN_BACKEND", "")
+_LOWP = (torch.float16, torch.bfloat16)
+_MAX_FRAMES = 64          # the temporal kernel's limit (kernels/temporal.py MAX_FRAMES)
+_kernels_mod = None       # the kernels package, imported on first use
+_dispatch_mod = None
 
 
 def resolve_backend(requested: str = "auto") -> str:
-    """The backend actually asked for: HEARTBEAT_ATTN_BACKEND overrides the config."""
-    name = os.environ.get("HEARTBEAT_ATTN_BACKEND", "") or requested or "auto"
+    """The backend actually asked for: HEARTBEAT_ATTN_BACKEND (read at import) overrides the config."""
+    name = _ENV_BACKEND or requested or "auto"
     if name not in ATTN_BACKENDS:
         raise ValueError(f"attention backend {name!r} is unknown; choose one of {', '.join(ATTN_BACKENDS)}")
     return name
 
 
-def _kernels():
-    """The Triton kernels package, or None when Triton cannot run here."""
-    try:
-        import kernels  # noqa: WPS433 (lazy: importing triton is slow and optional)
-        return kernels
-    except Exception:  # ImportError, or a Triton that fails to initialise
-        return None
+def _kernels(required: bool = True):
+    """The kernels package (imported once); None, or an error when required, if it cannot be imported."""
+    global _kernels_mod, _dispatch_mod
+    if _kernels_mod is None:
+        try:
+            import kernels  # lazy: importing triton is slow and optional
+            import kernels.dispatch
+            _kernels_mod, _dispatch_mod = kernels, kernels.dispatch
+        except Exception:  # ImportError, or a Triton that fails to initialise
+            if required:
+                raise RuntimeError("attn_backend=triton but the Triton kernels cannot be imported; "
+                                   "install triton or choose --attn_backend=sdpa") from None
+            return None
+    return _kernels_mod
 
 
-def _use_triton(backend: str, op: str, *tensors) -> bool:
-    if backend == "triton":
-        if _kernels() is None:
-            raise RuntimeError("attn_backend=triton but the Triton kernels cannot be imported; "
-                               "install triton or choose --attn_backend=sdpa")
-        return True
-    # auto: CUDA and half precision only. The kernels' fp32 path is exact but untimed (fp32 dots),
-    # so fp32 stays on SDPA unless triton is asked for by name.
-    if backend != "auto" or not tensors[0].is_cuda or tensors[0].dtype not in (torch.float16, torch.bfloat16):
+def _auto(op: str, x, dim: int, grad: bool, extra=None) -> bool:
+    """auto: the kernel for this call? CUDA fp16/bf16 only (the fp32 path is exact but slow), then
+    the cached decision of kernels/dispatch.py (measured table + self-check)."""
+    if not x.is_cuda or x.dtype not in _LOWP or _kernels(False) is None:
         return False
-    k = _kernels()
-    return k is not None and k.supports(op, *tensors)
+    return _dispatch_mod.use_kernel(op, x, dim, grad, extra)
+
+
+def _grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _xformers():
@@ -90,7 +103,7 @@ def _sdpa(q, k, v, scale=None):
 def attention(q, k, v, scale=None, backend: str = "auto"):
     """Self- or cross-attention. q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H, D)."""
     backend = resolve_backend(backend)
-    if _use_triton(backend, "attention", q, k, v):
+    if backend == "triton" or (backend == "auto" and _auto("attention", q, q.shape[-1], _grad(q, k, v))):
         return _kernels().attention(q, k, v, scale=scale)
     if backend == "math":
         return attention_math(q, k, v, scale)
@@ -102,7 +115,8 @@ def attention(q, k, v, scale=None, backend: str = "auto"):
 def temporal_attention(q, k, v, scale=None, backend: str = "auto"):
     """Attention along frames. q/k/v (N, F, H, D), N = B*h*w, possibly strided views. -> (N, F, H, D)."""
     backend = resolve_backend(backend)
-    if _use_triton(backend, "temporal_attention", q, k, v):
+    if backend == "triton" or (backend == "auto" and q.shape[-3] <= _MAX_FRAMES and _auto(
+            "temporal_attention", q, q.shape[-1], _grad(q, k, v), q.shape[-3])):
         return _kernels().temporal_attention(q, k, v, scale=scale)
     if backend == "math":
         return attention_math(q, k, v, scale)
@@ -119,7 +133,8 @@ def dual_cross_attention(q_t, k_t, v_t, q_i, k_i, v_i, scale=None, backend: str 
     backend = resolve_backend(backend)
     if k_i is None:
         return attention(q_t, k_t, v_t, scale, backend)
-    if _use_triton(backend, "dual_cross_attention", q_t, k_t, v_t, q_i, k_i, v_i):
+    if backend == "triton" or (backend == "auto" and _auto(
+            "dual_cross_attention", q_t, q_t.shape[-1], _grad(q_t, k_t, v_t, q_i, k_i, v_i))):
         return _kernels().dual_cross_attention(q_t, k_t, v_t, q_i, k_i, v_i, scale=scale)
     return attention(q_t, k_t, v_t, scale, backend) + attention(q_i, k_i, v_i, scale, backend)
 
@@ -128,7 +143,8 @@ def group_norm(x, weight, bias, num_groups: int, eps: float = 1e-5, silu: bool =
                backend: str = "auto"):
     """GroupNorm (statistics in fp32), optionally followed by SiLU. x (N, C, *spatial)."""
     backend = resolve_backend(backend)
-    if backend in ("auto", "triton") and _use_triton(backend, "group_norm_silu", x):
+    if backend == "triton" or (backend == "auto" and x.dim() >= 3 and _auto(
+            "group_norm_silu", x, x.shape[1], _grad(x, weight, bias), num_groups)):
         return _kernels().group_norm_silu(x, weight, bias, num_groups, eps=eps, silu=silu)
     y = F.group_norm(x.float(), num_groups, weight.float() if weight is not None else None,
                      bias.float() if bias is not None else None, eps).to(x.dtype)

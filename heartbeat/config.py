@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 CONDITIONS = ("text", "image", "sketch", "mask", "mv", "flow")  # every condition name, in order
 LOCAL_CONDITIONS = ("sketch", "mask", "mv", "flow")
 GLOBAL_CONDITIONS = ("text", "image")
-STAGES = ("vae", "pretrain", "finetune", "cmr", "seg")
+STAGES = ("vae", "pretrain", "finetune", "cmr", "distill", "seg")
 ATTN_BACKENDS = ("auto", "triton", "xformers", "sdpa", "math")
 
 
@@ -86,6 +86,13 @@ class ModelConfig:
     beta_end: float = 0.012
     zero_terminal_snr: bool = False
 
+    # a distilled few-step student (heartbeat/distill.py); guidance_inputs = 0: an ordinary model
+    guidance_inputs: int = 0        # scales the student's UNet takes: 1 joint + one per condition of `conditions`
+    guidance_max: float = 8.0       # the student learned scales in [0, guidance_max]
+    student_steps: int = 4          # the most sampling steps the student was trained for
+    lcm_skip: int = 0               # LCD skipping interval k in timesteps (0: timesteps // 50, LCM's N = 50)
+    teacher_stage: str = ""         # the stage of the checkpoint a student was distilled from
+
     # execution
     attn_backend: str = "auto"      # auto | triton | xformers | sdpa | math (env HEARTBEAT_ATTN_BACKEND wins)
     grad_checkpointing: bool = False
@@ -129,6 +136,7 @@ class TrainConfig:
                                     # once per frame, not every step); false: encode every step
     shard: str = "ddp"              # ddp: every rank holds the model; fsdp: FSDP2 shards weights, gradients and
                                     # optimiser state over the ranks (heartbeat/sharding.py)
+    compile: bool = False           # the UNet's forward through torch.compile (nn.Module.compile: names kept)
     force: bool = False
 
 

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from .conditions import DATASET_ARRAY
 from .config import CONDITIONS, Config
-from .stages import get_stage
+from .stages import model_stage
 from .utils import atomic_write, autocast
 
 SCHEMA = 1
@@ -294,7 +294,7 @@ def make_dataset(cfg: Config, split: str, cache: str | None = None):
     """What cfg.train.stage trains on from cfg.train.data/<split>.h5: frames or clips (the stage's
     `items`), reading the model's conditions when the stage uses them, and the encoder cache `cache`
     (a key from ensure_cache)."""
-    stage, m = get_stage(cfg.train.stage), cfg.model
+    stage, m = model_stage(cfg.train.stage, cfg.model), cfg.model
     path = find_split(cfg.train.data, split)
     conditions = m.conditions if stage.reads_conditions else ()
     if stage.items == "frames":

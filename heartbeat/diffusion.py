@@ -26,6 +26,10 @@ Samplers (`sample(sampler=...)`):
     dpmpp2m  DPM-Solver++(2M), Lu et al. 2022, Algorithm 2: multistep, data prediction, first-order
              first step; the last step is first-order when it lands on sigma = 0 (where the 2nd-order
              correction is undefined: r = h_prev / h = 0) or when steps < 15 ("lower_order_final").
+    lcm      multistep consistency sampling (Luo et al. 2023, LCM Algorithm 3; Song et al. 2023, CM
+             Algorithm 1) for a distilled student (heartbeat/distill.py): x0 = f(x_t, t) with the
+             consistency function of `consistency`, then x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) z with
+             fresh noise z, at the timesteps of `lcm_timesteps`; the last step returns x0.
 
 Timestep spacings (Lin et al. 2024, Table 2; T = schedule length, S = steps):
     leading   (arange(S) * (T // S))[::-1] + steps_offset  -- SD1.5 uses steps_offset = 1: 981, 961, ..., 1
@@ -56,7 +60,7 @@ from .guidance import GuidanceSpec, guided
 
 PREDICTIONS = ("eps", "v", "x0")
 SCHEDULES = ("scaled_linear", "linear", "cosine")
-SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+SAMPLERS = ("ddpm", "ddim", "dpmpp2m", "lcm")
 SPACINGS = ("leading", "trailing", "linspace")
 
 def extract(a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -290,6 +294,36 @@ def make_timesteps(steps: int, spacing: str = "leading", num_train_timesteps: in
     return ts
 
 
+def lcm_timesteps(steps: int, num_train_timesteps: int = 1000, skip: int = 0) -> list[int]:
+    """The timesteps a distilled student samples at: of the N = T // skip timesteps skip - 1,
+    2 skip - 1, ..., N skip - 1 that latent consistency distillation trains on (LCM §4.3, the
+    skipping-step schedule; skip = 0 means T // 50, LCM's N = 50), `steps` evenly spaced from the top."""
+    T = int(num_train_timesteps)
+    skip = int(skip) or max(1, T // 50)
+    N = T // skip
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= N:
+        raise ValueError(f"steps must be an integer in 1..{N} for a consistency sampler, got {steps!r}")
+    origin = [(j + 1) * skip - 1 for j in range(N)][::-1]
+    return origin[:: N // steps][:steps]
+
+
+def consistency(schedule: "Schedule", pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                prediction: str = "eps", sigma_data: float = 0.5, scale: float = 10.0) -> torch.Tensor:
+    """The consistency function of a model prediction at (x_t, t): f = c_skip(t) x_t + c_out(t) x0(x_t, t)
+    (Song et al. 2023, CM §3, the parameterisation that meets f(x, 0) = x; LCM §4.1 with the x0
+    predicted from the model's eps / v / x0), with c_skip(t) = sigma_d^2 / (s^2 + sigma_d^2),
+    c_out(t) = s / sqrt(s^2 + sigma_d^2), s = scale * t * 1000 / T (LCM's timestep scaling of 10 on a
+    1000-step schedule), sigma_d = 0.5. At any trained timestep but 0, f is almost x0."""
+    x0, _ = schedule.to_x0_eps(pred, x_t, t, prediction)
+    s = torch.as_tensor(t).reshape(-1).double().cpu() * (scale * 1000.0 / schedule.num_timesteps)
+    c_skip = sigma_data ** 2 / (s ** 2 + sigma_data ** 2)
+    c_out = s / (s ** 2 + sigma_data ** 2).sqrt()
+    shape = (-1,) + (1,) * (x_t.dim() - 1)
+    c_skip = c_skip.to(device=x_t.device, dtype=x_t.dtype).view(shape)
+    c_out = c_out.to(device=x_t.device, dtype=x_t.dtype).view(shape)
+    return c_skip * x_t + c_out * x0
+
+
 def _lam(abar: float) -> float:
     """lambda = log(alpha / sigma) = 0.5 log(abar / (1 - abar)) (DPM-Solver's half log-SNR), +-inf at the ends."""
     if abar <= 0.0:
@@ -320,7 +354,8 @@ def sample(model_fn: Callable, x_T: torch.Tensor, steps: int = 50, sampler: str 
            schedule: Schedule | None = None, prediction: str = "eps", eta: float = 0.0,
            spacing: str = "leading", generator=None, guidance=None, guidance_rescale: float = 0.0,
            progress: bool = False, callback: Callable | None = None, steps_offset: int = 1,
-           set_alpha_to_one: bool | None = None, timesteps: Sequence[int] | None = None) -> torch.Tensor:
+           set_alpha_to_one: bool | None = None, timesteps: Sequence[int] | None = None,
+           lcm_skip: int = 0) -> torch.Tensor:
     """Run a sampler from x_T down to a clean sample and return it (same shape as x_T), without grad.
 
     model_fn(x_t, t) -> prediction (`prediction`: eps | v | x0), t a (B,) int64 tensor.
@@ -330,6 +365,7 @@ def sample(model_fn: Callable, x_T: torch.Tensor, steps: int = 50, sampler: str 
     guidance.guided(..., given=...) directly to name them). generator: for the stochastic samplers (ddpm, ddim with eta > 0); one
     torch.Generator or one per sample. callback(i, t, x_next, x0_pred) after every step.
     steps_offset, set_alpha_to_one, timesteps (an explicit descending list): see the module docstring.
+    lcm: model_fn is a distilled student; its timesteps are lcm_timesteps(steps, T, lcm_skip).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -338,6 +374,8 @@ def sample(model_fn: Callable, x_T: torch.Tensor, steps: int = 50, sampler: str 
     if guidance is not None:
         spec = guidance if isinstance(guidance, GuidanceSpec) else GuidanceSpec.parse(str(guidance))
         model_fn = guided(model_fn, spec, rescale=guidance_rescale)
+    if sampler == "lcm" and timesteps is None:
+        timesteps = lcm_timesteps(steps, schedule.num_timesteps, lcm_skip)
     ts, abars = _resolve_steps(schedule, steps, spacing, steps_offset, timesteps, set_alpha_to_one,
                                default_one=(sampler != "ddim"))
     if prediction == "eps" and abars[0] == 0.0:
@@ -357,7 +395,13 @@ def sample(model_fn: Callable, x_T: torch.Tensor, steps: int = 50, sampler: str 
         tt = torch.full((B,), t, dtype=torch.long, device=x.device)
         pred = model_fn(x, tt)
         x0, eps = schedule.to_x0_eps(pred, x, tt, prediction)
-        if sampler == "ddim":
+        if sampler == "lcm":
+            x0 = consistency(schedule, pred, x, tt, prediction)          # LCM Alg. 3: x0 = f(x_t, t)
+            x = x0
+            if a_s < 1.0:                                                 # back to the next timestep
+                x = math.sqrt(a_s) * x0 + math.sqrt(1 - a_s) * noise_like(x.shape, gens, device=x.device,
+                                                                           dtype=x.dtype)
+        elif sampler == "ddim":
             # DDIM eq. 16: sigma = eta sqrt((1 - abar_s)/(1 - abar_t)) sqrt(1 - abar_t/abar_s)
             sigma = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)) if eta > 0 else 0.0
             # DDIM eq. 12: x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma z

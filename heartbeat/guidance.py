@@ -86,6 +86,24 @@ class GuidanceSpec:
     def compositional(self) -> bool:
         return self.scale is None
 
+    def student_vector(self, conditions: Sequence[str]) -> list[float]:
+        """The scales a distilled student takes (heartbeat/distill.py): [w_joint, w_c for c in
+        `conditions`]. A single scale w is [w, 0, ...]; per-condition scales are [0, w_c, ...]. A group
+        term ("mask+sketch=2") has no such form."""
+        if not self.compositional:
+            return [self.scale] + [0.0] * len(conditions)
+        out = [0.0] * (1 + len(conditions))
+        for names, w in self.terms:
+            if len(names) != 1:
+                raise GuidanceError(f"a distilled student takes one scale or one per condition; the group "
+                                    f"{'+'.join(sorted(names))} needs the teacher (sample its checkpoint instead)")
+            (name,) = names
+            if name not in conditions:
+                raise GuidanceError(f"guidance names {name}, which this model was not trained with "
+                                    f"({', '.join(conditions)})")
+            out[1 + list(conditions).index(name)] = w
+        return out
+
     def cond_sets(self, given: Iterable[str] | None = None) -> list[frozenset]:
         """The condition sets to evaluate, the empty (unconditional) set first. `given`: the conditions
         the caller has (default: all CONDITIONS; absent ones are dropped by the Conditioner anyway)."""

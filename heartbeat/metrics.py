@@ -11,6 +11,7 @@ protocols and how to compare with published numbers are in docs/METRICS.md.
     d = dice(pred, target, labels=(1, 2, 3))               # label maps -> {label: dice or nan}
     e = mv_distance(p, q)                                  # (..., 2, 2) annulus points -> (...) px
     epe = flow_epe(flow_pred, flow_true, region)           # (F, 2, H, W) -> float px
+    w = warp_error(video, flow=None, region=None)          # (F, H, W) clip under its own flow -> grey levels
     ef = area_ef(lv_areas, ed, es)                         # percent
 
 Everything is numpy / torch on CPU, deterministic, float64 where precision matters.
@@ -152,6 +153,32 @@ def flow_epe(pred, target, region=None) -> float:
         return float(err.mean())
     region = np.broadcast_to(np.asarray(region, bool), err.shape)
     return float(err[region].mean()) if region.any() else float("nan")
+
+
+def warp_error(video, flow=None, region=None) -> float:
+    """Temporal consistency of a clip (F, H, W): frame f+1 warped back onto frame f by the flow
+    f -> f+1 (bilinear, I_{f+1}(x + flow_f(x))), mean absolute difference to frame f in grey levels
+    (0..255), over frames 0..F-2 and the pixels whose flow target lies inside the frame (and inside
+    `region`, (H, W) or (F, H, W)). flow (F, 2, H, W) in pixels, default the clip's own flow
+    (estimate_flow). A clip whose frames move coherently scores near the flow's own error; flicker
+    that no motion explains raises it."""
+    v = np.asarray(video, np.float32)
+    if v.ndim != 3 or len(v) < 2:
+        raise ValueError(f"warp_error: need a clip (F >= 2, H, W), got shape {v.shape}")
+    flow = estimate_flow(video) if flow is None else np.asarray(flow, np.float32)
+    Fn, H, W = v.shape
+    fl = torch.from_numpy(np.ascontiguousarray(flow[:-1], np.float32))          # (F-1, 2, H, W)
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32),
+                            indexing="ij")
+    gx, gy = xs + fl[:, 0], ys + fl[:, 1]                                         # where x lands in f+1
+    grid = torch.stack([2 * gx / (W - 1) - 1, 2 * gy / (H - 1) - 1], -1)
+    nxt = torch.from_numpy(v[1:, None])
+    warped = F.grid_sample(nxt, grid, mode="bilinear", padding_mode="border", align_corners=True)[:, 0]
+    inside = (gx >= 0) & (gx <= W - 1) & (gy >= 0) & (gy <= H - 1)
+    if region is not None:
+        inside &= torch.from_numpy(np.broadcast_to(np.asarray(region, bool), (Fn, H, W))[:-1].copy())
+    err = (warped - torch.from_numpy(v[:-1])).abs()
+    return float(err[inside].mean()) if bool(inside.any()) else float("nan")
 
 
 def estimate_flow(video) -> np.ndarray:

@@ -7,7 +7,10 @@
 Models (heartbeat/stages.py's `model` field picks one):
     vae    VAEModel: the AutoencoderKL alone, its from-scratch objective (heartbeat.vae.vae_loss).
     ldm    LatentDiffusion: vae (frozen), conditioner (text encoder, frozen image prior, global adapter,
-           local encoders), unet. Its state dict is what checkpoints hold, so a checkpoint is
+           local encoders), unet.
+    ldm with the stage's `distils`: DistillModel, a LatentDiffusion whose unet is a student (cfg.model.guidance_inputs > 0) that
+           learns from `teacher`, a frozen UNet kept out of the state dict (heartbeat/distill.py); a
+           student checkpoint is then an ordinary one, sampled as a LatentDiffusion. Its state dict is what checkpoints hold, so a checkpoint is
            self-contained; the text encoder and image prior live inside the conditioner
            (`conditioner.text_encoder.*`, `conditioner.image_prior.*`, the latter sharing the VAE encoder).
 Each has `loss(batch) -> (loss, logs)` (wrapped by `LossModule` so DDP sees one forward),
@@ -16,6 +19,7 @@ reads the encoders' files (heartbeat/weights.py) and passes the built modules in
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -25,6 +29,8 @@ from .checkpoint import CheckpointError, find_weights, read_weights
 from .conditions import Conditioner, condition_inputs
 from .config import Config
 from .diffusion import Schedule, training_loss
+from .distill import draw_guidance, lcd_loss, teacher_sets
+from .guidance import expand_for_sets, repeat_sets
 from .stages import get_stage
 from .unet import UNet
 from .vae import AutoencoderKL, as_channels, vae_loss
@@ -185,9 +191,65 @@ class LatentDiffusion(TrainModel):
         return loss, {"mse": info["mse"].mean()}
 
 
-def build_model(cfg: Config) -> TrainModel:
+class DistillModel(LatentDiffusion):
+    """Stage distill: this model's unet is the student, `teacher` the frozen UNet of the checkpoint it
+    distils (loaded by heartbeat.runs.init_model, not saved); the conditioner and VAE are the
+    teacher's and stay frozen, so a dropped condition is what it was in the teacher's training."""
+
+    def __init__(self, cfg: Config, vae, text_encoder, image_prior):
+        super().__init__(cfg, vae, text_encoder, image_prior)
+        self.teacher = UNet(dataclasses.replace(cfg.model, guidance_inputs=0)).requires_grad_(False)
+
+    def state_dict(self, *args, **kwargs):
+        sd = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        for k in [k for k in sd if k.startswith(prefix + "teacher.")]:
+            del sd[k]
+        return sd
+
+    def load_teacher(self, unet_state: dict, what: str) -> None:
+        check_fit(self.teacher, unet_state, "HeartBeat UNet", what=what)
+        self.teacher.load_state_dict(unet_state)
+
+    def freeze_for_stage(self, stage) -> None:
+        super().freeze_for_stage(stage)
+        self.teacher.requires_grad_(False)
+
+    def loss(self, batch):
+        """heartbeat/distill.py's LCD loss: per example its kept conditions, scales, timestep, noise."""
+        m = self.cfg.model
+        z0 = batch["latent"] if batch.get("latent") is not None else \
+            self.encode(batch["video"] if "video" in batch else batch["image"])
+        z0 = z0.float()
+        B = z0.shape[0]
+        gens = per_sample_generators(batch["seed"])
+        keeps = [self.conditioner.sample_keep(1, g) for g in gens]
+        keep = {k: torch.cat([kk[k] for kk in keeps]).to(z0.device) for k in keeps[0]}
+        g = draw_guidance(keep, m.conditions, m.guidance_max, gens).to(z0.device)
+        sets = teacher_sets(m.conditions)
+        K = len(sets)
+        _, _, set_keep = expand_for_sets(z0, torch.zeros(B, dtype=torch.long), sets)
+        rows = {n: set_keep[n] & keep[n].repeat(K) for n in set_keep}            # set k, example b
+        rep = {k: repeat_sets(v, K) for k, v in self.condition_batch(batch).items()}
+        with torch.no_grad():                                                    # the teacher's encoders
+            ctx = self.conditioner(rep, rows, batch_size=K * B)
+        own = {k: (None if v is None else v[B:2 * B]) for k, v in ctx.items()}   # set 1: every kept condition
+
+        def teacher_fn(z, t):
+            out = self.teacher(torch.cat([z] * K), t.repeat(K), **ctx)
+            return out.view(K, *z.shape)
+
+        def student_fn(z, t):
+            return self.unet(z, t, guidance=g, **own)
+
+        loss, info = lcd_loss(student_fn, teacher_fn, z0, self.schedule, g, gens, prediction=m.prediction,
+                              skip=m.lcm_skip)
+        return loss, {"mse": info["mse"].mean()}
+
+
+def build_model(cfg: Config, sampling: bool = False) -> TrainModel:
     """The training module of cfg.train.stage, freshly initialised and frozen as the stage says (call
-    under torch.manual_seed). The frozen encoders' files named in the config are read here (the CLIP
+    under torch.manual_seed); sampling=True builds a distilled student without its teacher. The frozen encoders' files named in the config are read here (the CLIP
     tokenizer lives only there); a checkpoint's own weights are loaded over them afterwards."""
     stage = get_stage(cfg.train.stage)
     if stage.model == "vae":
@@ -203,7 +265,8 @@ def build_model(cfg: Config) -> TrainModel:
     vae = AutoencoderKL(m)                     # the construction order fixes the initial weights of a seed
     text_encoder = build_text_encoder(m, m.text_weights or None)
     image_prior = build_image_prior(m, vae=vae, path=m.prior_weights or None)
-    model = LatentDiffusion(cfg, vae, text_encoder, image_prior)
+    cls = DistillModel if stage.distils and not sampling else LatentDiffusion
+    model = cls(cfg, vae, text_encoder, image_prior)
     model.freeze_for_stage(stage)
     return model
 
@@ -216,7 +279,7 @@ def load_for_sampling(path_or_run, use_ema: bool = True, device="cpu"):
     if w.config is None:
         raise CheckpointError(f"{w.path} is not a HeartBeat checkpoint (no heartbeat metadata)")
     cfg = w.config
-    model = build_model(cfg)
+    model = build_model(cfg, sampling=True)
     model.load_model_state(w.ema_model_state() if use_ema else w.model, what=str(w.path))
     model.to(device).eval()
     parts = {k: getattr(model, k, None) for k in ("unet", "conditioner", "vae", "text_encoder", "image_prior")}

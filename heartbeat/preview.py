@@ -28,8 +28,8 @@ from .conditions import given_conditions
 from .data import DataError, SeededItems, collate, make_dataset
 from .guidance import GuidanceSpec
 from .sampling import sample_latents
-from .stages import get_stage
-from .utils import PALETTE, atomic_write_bytes, to_device
+from .stages import model_stage
+from .utils import PALETTE, atomic_write, atomic_write_bytes, to_device
 from .vae import as_channels
 
 PREVIEW_GUIDANCE = 2.0      # classifier-free guidance scale of the preview samples (1 = conditional only)
@@ -105,7 +105,7 @@ def preview(model, ema, cfg: Config, device, final: bool = False):
     """A uint8 (3, H, W) grid from the test split with the EMA weights, or None without a test split
     (or for a stage without previews). Generated with heartbeat.sampling.sample_latents: DDIM, 25 steps
     (50 for the final picture), guidance PREVIEW_GUIDANCE on every condition the model is given."""
-    kind = get_stage(cfg.train.stage).preview
+    kind = model_stage(cfg.train.stage, cfg.model).preview
     if not kind:
         return None
     try:
@@ -129,7 +129,8 @@ def preview(model, ema, cfg: Config, device, final: bool = False):
         cond = model.condition_batch(batch)
         parts = {"unet": model.unet, "conditioner": model.conditioner}
         Fr = batch["video"].shape[1] if video else 1
-        z = sample_latents(parts, cfg, cond, idx, Fr, video, steps=50 if final else 25,
+        steps, sampler = (m.student_steps, "lcm") if m.guidance_inputs else (50 if final else 25, "ddim")
+        z = sample_latents(parts, cfg, cond, idx, Fr, video, steps=steps, sampler=sampler,
                            guidance=GuidanceSpec.parse(PREVIEW_GUIDANCE), used=given_conditions(cond), device=device)
         gen = model.vae.decode(z.flatten(0, 1) / m.latent_scale)
         if not video:
@@ -166,6 +167,25 @@ def preview_frames(f: h5py.File, i: int) -> np.ndarray:
     for p in panels[1:]:
         out += [sep, p]
     return np.concatenate(out, axis=2)
+
+
+def write_gif(h5_path, path, index: int = 0, min_height: int = 256, fps: int = 8) -> Path:
+    """Sample `index` of a samples file as one looping GIF (Pillow): the generated clip beside its
+    conditions (preview_frames' panels), enlarged by a whole factor (nearest) to at least min_height
+    pixels, written atomically."""
+    from PIL import Image
+    with h5py.File(h5_path, "r") as f:
+        if not 0 <= index < f["video"].shape[0]:
+            raise ValueError(f"{h5_path} holds {f['video'].shape[0]} samples; no sample {index}")
+        frames = preview_frames(f, index)
+    k = max(1, -(-min_height // frames.shape[1]))
+    frames = frames.repeat(k, axis=1).repeat(k, axis=2)
+    images = [Image.fromarray(a) for a in frames]
+
+    def write(tmp):
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=1000 // fps, loop=0)
+    atomic_write(Path(path), write)
+    return Path(path)
 
 
 def write_previews(h5_path, out_dir, count: int = 4, grid_rows: int = 16, grid_cols: int = 8) -> list:

@@ -292,6 +292,16 @@ def init_model(model, cfg: Config, log=print) -> None:
                         log(f"warning: --init={t.init} holds no usable VAE ({e}); pass --vae=PATH")
             log(f"initialised from {t.init}")
         return
+    if stage.init == "teacher":                # distill: the teacher always, the student from it unless resuming
+        w_path = ckpt.find_weights(t.init)
+        w = ckpt.read_weights(w_path)
+        ckpt.check_compatible(w.meta, stage.starts_from, cfg.model.preset, what=f"--init={t.init}", path=w_path)
+        state = w.ema_model_state()
+        model.load_teacher({k[5:]: v for k, v in state.items() if k.startswith("unet.")}, what=f"--init={w_path}")
+        if not t.resume:
+            model.load_model_state(state, what=f"--init={w_path}", allow_missing=UNet.is_guidance_name)
+        log(f"teacher: {w_path} ({w.stage}, step {w.meta.get('step')})")
+        return
     src = init_source(cfg)
     if not src:
         return

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from .config import CONDITIONS, LOCAL_CONDITIONS
 from .data import ClipDataset
 from .diffusion import Schedule, sample
+from .distill import check_request, student_scales
+from .graphs import GraphedCall, compiled
 from .guidance import GuidanceSpec, expand_for_sets, guided, repeat_sets
 from .utils import atomic_write, autocast, to_device
 
@@ -313,12 +315,14 @@ def collate_jobs(jobs: list[dict], video: bool) -> dict:
 @torch.no_grad()
 def sample_latents(parts: dict, cfg, cond: dict, seeds, frames: int, video: bool, *, steps: int, guidance: GuidanceSpec,
                    used, sampler: str = "ddim", eta: float = 0.0, device="cpu", spacing: str = "leading",
-                   rescale: float = 0.0) -> torch.Tensor:
+                   rescale: float = 0.0, compile: bool = False, cuda_graph: bool = False) -> torch.Tensor:
     """The one guided sampling path (tools/sample.py and the training previews): z0 float32
     (B, F, C, h, w) for the B = len(seeds) samples of the conditioner batch `cond` (on `device`; 5-D
     clips for a video model, else the B*F frames as rows, as collate_jobs makes them). `used`: the
     conditions guidance conditions on; classifier-free guidance by `guidance` (heartbeat/guidance.py),
-    all its condition sets in one batched UNet call per step."""
+    all its condition sets in one batched UNet call per step. The conditioner (text encoder, image
+    prior, adapter, local encoders) runs once per batch, not per step. compile: the UNet through
+    torch.compile; cuda_graph: each step's UNet call replayed from one CUDA graph (heartbeat/graphs.py)."""
     m = cfg.model
     unet, conditioner = parts["unet"], parts["conditioner"]
     B, Fr = len(seeds), frames
@@ -331,6 +335,12 @@ def sample_latents(parts: dict, cfg, cond: dict, seeds, frames: int, video: bool
     x_T = x_T.to(device)
     used = frozenset(used)
     contexts = {}   # the conditioner's output depends on the condition sets only: once per run, not per step
+    graphs = {}     # condition sets -> the CUDA graph of one step's UNet call
+    unet_fn = compiled(unet) if compile else unet
+    scales = None   # a distilled student (sampler lcm): its guidance scales are an input, one call per step
+    if sampler == "lcm":
+        check_request(m, sampler, steps)
+        scales = torch.tensor(student_scales(m, guidance), dtype=torch.float32, device=device)
 
     def model_fn_multi(z, t, cond_sets):
         z2, t2, keep = expand_for_sets(z, t, cond_sets)
@@ -339,10 +349,18 @@ def sample_latents(parts: dict, cfg, cond: dict, seeds, frames: int, video: bool
             if key not in contexts:
                 rep = {k: repeat_sets(v, len(cond_sets)) for k, v in cond.items()}
                 contexts[key] = conditioner(rep, keep, batch_size=z2.shape[0])
-            out = unet(z2, t2, **contexts[key])
+            ctx = contexts[key] if scales is None else dict(contexts[key], guidance=scales.expand(z2.shape[0], -1))
+            if cuda_graph:
+                if key not in graphs:
+                    graphs[key] = GraphedCall(lambda zz, tt: unet_fn(zz, tt, **ctx), z2, t2)
+                return graphs[key](z2, t2).float()
+            out = unet_fn(z2, t2, **ctx)
         return out.float()
 
-    if not guidance.compositional and (guidance.scale in (0.0, 1.0) or not used):
+    if scales is not None:
+        def model_fn(z, t):                                   # the student: every given condition, one call
+            return model_fn_multi(z, t, [used])
+    elif not guidance.compositional and (guidance.scale in (0.0, 1.0) or not used):
         only = used if (guidance.scale == 1.0 and used) else frozenset()   # w = 1: conditional; w = 0: unconditional
 
         def model_fn(z, t):                                   # one condition set: no guidance arithmetic
@@ -350,20 +368,22 @@ def sample_latents(parts: dict, cfg, cond: dict, seeds, frames: int, video: bool
     else:
         model_fn = guided(model_fn_multi, guidance, rescale=rescale, given=used)
     z0 = sample(model_fn, x_T, steps=steps, sampler=sampler, schedule=Schedule.from_config(m),
-                prediction=m.prediction, eta=eta, spacing=spacing, generator=gens)
+                prediction=m.prediction, eta=eta, spacing=spacing, generator=gens, lcm_skip=m.lcm_skip)
     return z0.float().reshape(B, Fr, C, h, h)
 
 
 @torch.no_grad()
 def generate(parts: dict, cfg, jobs: list[dict], *, steps: int, sampler: str, eta: float,
-             guidance: GuidanceSpec, used, device="cpu", spacing: str = "leading", rescale: float = 0.0):
-    """Sample one batch of jobs. Returns (z0 float32 (B, F, C, h, w), video uint8 (B, F, H, W))."""
+             guidance: GuidanceSpec, used, device="cpu", spacing: str = "leading", rescale: float = 0.0,
+             compile: bool = False, cuda_graph: bool = False):
+    """Sample one batch of jobs (compile, cuda_graph: see sample_latents). Returns (z0 float32
+    (B, F, C, h, w), video uint8 (B, F, H, W))."""
     m = cfg.model
     B, Fr, video = len(jobs), jobs[0]["frames"], jobs[0]["video"]
     cond = to_device(collate_jobs(jobs, video), device)
     z0 = sample_latents(parts, cfg, cond, [j["record"]["seed"] for j in jobs], Fr, video, steps=steps,
                         guidance=guidance, used=used, sampler=sampler, eta=eta, device=device, spacing=spacing,
-                        rescale=rescale)
+                        rescale=rescale, compile=compile, cuda_graph=cuda_graph)
     frames = decode(parts["vae"], z0.reshape(B * Fr, *z0.shape[2:]), m.latent_scale)
     return z0.cpu(), frames.reshape(B, Fr, *frames.shape[-2:]).cpu()
 

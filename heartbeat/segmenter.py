@@ -44,6 +44,13 @@ class SegUNet(nn.Module):
                                 for i in reversed(range(len(channels) - 1)))
         self.out = nn.Conv2d(channels[0], classes, 1)
 
+    def encode(self, x):
+        """The encoder's deepest feature map (N, channels[-1], S / 2^(levels-1), ...), the feature
+        space of the copy check (heartbeat/privacy.py)."""
+        for i, blk in enumerate(self.down):
+            x = blk(x if i == 0 else F.max_pool2d(x, 2))
+        return x
+
     def forward(self, x):
         skips = []
         for i, blk in enumerate(self.down):
@@ -64,10 +71,11 @@ def _resize(a: np.ndarray, size: int, nearest: bool) -> np.ndarray:
     return np.stack([cv2.resize(f, (size, size), interpolation=interp) for f in a])
 
 
-def load_frames(h5_path, size: int, max_frames: int = 4096, seed: int = 0):
+def load_frames(h5_path, size: int, max_frames: int = 4096, seed: int = 0, clips=None):
     """The annotated frames of an HDF5 split (docs/ARCHITECTURE.md §Data) -> frames, masks
     (M, size, size) uint8.
-    Uses mask_valid when present; at most max_frames frames, a seeded choice over clips."""
+    Uses mask_valid when present; only the clip indices `clips` when given; at most max_frames
+    frames, a seeded choice over clips."""
     path = Path(h5_path)
     if not path.is_file():
         raise FileNotFoundError(f"segmenter training data {path} not found: pass an HDF5 split "
@@ -78,6 +86,8 @@ def load_frames(h5_path, size: int, max_frames: int = 4096, seed: int = 0):
                 raise KeyError(f"{path} has no '{k}' dataset: the segmenter needs video and mask")
         N, Fr = f["video"].shape[:2]
         valid = f["mask_valid"][()] if "mask_valid" in f else np.ones((N, Fr), bool)
+        if clips is not None:
+            valid = valid & np.isin(np.arange(N), np.asarray(clips, int))[:, None]
         pairs = np.argwhere(valid)
         if len(pairs) == 0:
             raise ValueError(f"{path}: no frame has mask_valid=True, nothing to train on")
@@ -100,6 +110,14 @@ def train_segmenter(h5_path, steps: int = 300, size: int = 64, seed: int = 0, ba
     frames, masks = load_frames(h5_path, size, seed=seed)
     if masks.max() >= classes:
         raise ValueError(f"{h5_path}: mask label {int(masks.max())} >= classes={classes}")
+    return fit_segmenter(frames, masks, steps, size, seed, batch_size, lr, classes, channels, log)
+
+
+def fit_segmenter(frames: np.ndarray, masks: np.ndarray, steps: int = 300, size: int = 64, seed: int = 0,
+                  batch_size: int = 16, lr: float = 2e-3, classes: int = 4, channels=(16, 32, 64),
+                  log=None) -> SegUNet:
+    """The training loop of train_segmenter on frames, masks (M, size, size) uint8 already loaded
+    (tools/utility.py trains every arm through it)."""
     x_all = torch.from_numpy(frames).float().div(127.5).sub(1)[:, None]
     y_all = torch.from_numpy(masks).long()
     with torch.random.fork_rng(devices=[]):

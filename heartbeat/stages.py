@@ -7,6 +7,7 @@ description the same way). docs/ARCHITECTURE.md §Stages has the story; this tab
     stage.starts_from      -> ("pretrain", "finetune")   checkpoints --init may name
     stage.trains_unet      -> "temporal"         which UNet parameters learn
     stage.trains_encoders  -> ("flow",)          which conditioner parts learn
+    model_stage("distill", cfg.model) -> the teacher's stage (a student's items, previews, modality)
     stage_overrides(stage, conditions) -> ["--temporal=true", "--conditions=...,flow"]
 """
 from __future__ import annotations
@@ -26,7 +27,8 @@ class Stage:
     reads_conditions: bool = True       # the dataset reads the model's conditions (the vae stage reads none)
     init: str = ""                      # what --init names: "vae" (VAE weights), "weights" (optional: this
                                         # stage's checkpoint or SD1.5 weights), "previous" (required: a
-                                        # checkpoint of `starts_from`, else the newest such run in --out)
+                                        # checkpoint of `starts_from`, else the newest such run in --out),
+                                        # "teacher" (required: a checkpoint of `starts_from` to distil)
     starts_from: tuple = ()             # checkpoint stages --init may name; the first is looked for in --out
     trains_unet: str = ""               # "all" | "temporal" | "" (no UNet)
     trains_encoders: tuple = ()         # conditioner parts that learn: local condition names, "adapter", "text"
@@ -36,6 +38,8 @@ class Stage:
     preview: str = ""                   # training previews: "reconstruction" | "frames" | "clips" | ""
     vae_first: bool = False             # no --vae/--init/--resume: the newest VAE run, else train one first
     samples: bool = False               # tools/sample.py samples its checkpoints
+    distils: bool = False               # a student distilled from its --init (heartbeat/distill.py): its items,
+                                        # previews and modality are those of its teacher's stage (`model_stage`)
 
     @property
     def video(self) -> bool:
@@ -71,10 +75,16 @@ _CMR = Stage(
     overrides=("--temporal=true", "--conditions=mask", "--data=data/phantom_cmr"), preview="clips", samples=True,
     preset_defaults={"tiny": ("--max_steps=300", "--batch_size=4", "--lr=3e-4", "--warmup_steps=30",
                               "--ckpt_every=150", "--sample_every=150", "--ema_halflife_steps=30")})
+_DISTILL = Stage(
+    "distill", "a 1-4 step student with guidance built in, distilled from a pretrain, finetune or cmr checkpoint "
+    "(latent consistency distillation, heartbeat/distill.py)", model="ldm", items="frames", init="teacher",
+    starts_from=("pretrain", "finetune", "cmr"), trains_unet="all", distils=True, preview="frames", samples=True,
+    preset_defaults={"tiny": ("--max_steps=300", "--batch_size=4", "--lr=2e-4", "--warmup_steps=20",
+                              "--ckpt_every=150", "--sample_every=150", "--ema_halflife_steps=30")})
 _SEG = Stage("seg", "the segmenter of the mask-agreement metric (heartbeat/segmenter.py)", model="seg",
              items="frames")
 
-STAGE = {s.name: s for s in (_VAE, _PRETRAIN, _FINETUNE, _CMR, _SEG)}
+STAGE = {s.name: s for s in (_VAE, _PRETRAIN, _FINETUNE, _CMR, _DISTILL, _SEG)}
 assert tuple(STAGE) == STAGES, "heartbeat.config.STAGES and the stage table disagree"
 
 
@@ -82,6 +92,18 @@ def get_stage(name: str) -> Stage:
     if name not in STAGE:
         raise ConfigError(f"--stage={name}: choose one of {', '.join(STAGE)}")
     return STAGE[name]
+
+
+def model_stage(name: str, model_cfg) -> Stage:
+    """The stage whose items, previews and modality a model of stage `name` has: its own, or for a
+    distilled student (`distils`) its teacher's (model_cfg.teacher_stage)."""
+    stage = get_stage(name)
+    if not stage.distils:
+        return stage
+    if model_cfg.teacher_stage not in STAGE or not STAGE[model_cfg.teacher_stage].samples:
+        raise ConfigError(f"a '{name}' model needs --teacher_stage, the stage of the checkpoint it distils "
+                          f"(one of {', '.join(stage.starts_from)}); got {model_cfg.teacher_stage!r}")
+    return STAGE[model_cfg.teacher_stage]
 
 
 def sampling_stages() -> tuple:
@@ -94,4 +116,6 @@ def stage_overrides(stage: Stage, conditions: tuple) -> list[str]:
     if stage.adds_conditions:
         added = tuple(conditions) + tuple(c for c in stage.adds_conditions if c not in conditions)
         out.append("--conditions=" + ",".join(added))
+    if stage.distils:                   # the student's scales: one joint + one per condition
+        out.append(f"--guidance_inputs={1 + len(conditions)}")
     return out

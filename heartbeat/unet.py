@@ -20,6 +20,10 @@ New parameters relative to SD1.5 (all start at zero output; see `is_new_paramete
     transformer_blocks.{k}.attn2.{to_q_img, to_k_img, to_v_img}   image-prior branch (to_v_img = 0)
     transformer_blocks.{k}.{norm_temporal, attn_temporal.*}       after inflate(): temporal attention
     input_blocks.0.0.weight[:, latent_channels:]                  conv_in's local-condition channels
+    guidance_embed.{0,2}            a distilled student only (cfg.guidance_inputs = G > 0): Linear(G c0,
+                                    4 c0), SiLU, Linear(4 c0, 4 c0) (zero-init) on the sinusoidal embeddings
+                                    of its G guidance scales, added to the timestep embedding
+                                    (heartbeat/distill.py, after Meng et al. 2023 §3.1 "w-conditioning")
 
 Video (after inflate): every spatial layer sees (B*F, C, h, w) (what a (1,3,3) conv would do); the
 timestep embedding and the text/image contexts are repeated per frame once per forward; each
@@ -160,6 +164,10 @@ class UNet(nn.Module):
             return SpatialTransformer(ch, cfg.heads, cfg.transformer_depth, cfg.context_dim, g, share_q, be)
 
         self.time_embed = nn.Sequential(nn.Linear(c0, ted), nn.SiLU(), nn.Linear(ted, ted))
+        self.guidance_inputs = int(getattr(cfg, "guidance_inputs", 0))
+        if self.guidance_inputs:   # a student starts as its teacher: the embedding adds exactly zero
+            self.guidance_embed = nn.Sequential(nn.Linear(self.guidance_inputs * c0, ted), nn.SiLU(),
+                                                zero_module(nn.Linear(ted, ted)))
         conv_in = nn.Conv2d(cfg.latent_channels + cfg.local_channels, c0, 3, padding=1)
         with torch.no_grad():
             conv_in.weight[:, cfg.latent_channels:].zero_()  # local channels start silent
@@ -217,9 +225,13 @@ class UNet(nn.Module):
         return re.search(r"\.attn2\.to_[qkv]_img\.", name) is not None
 
     @staticmethod
+    def is_guidance_name(name: str) -> bool:
+        return name.startswith("guidance_embed.") or ".guidance_embed." in name
+
+    @staticmethod
     def is_new_parameter(name: str) -> bool:
         """Parameters SD1.5 does not have (conv_in's extra channels are part of an SD tensor)."""
-        return UNet.is_temporal_name(name) or UNet.is_image_branch_name(name)
+        return UNet.is_temporal_name(name) or UNet.is_image_branch_name(name) or UNet.is_guidance_name(name)
 
     def parameter_breakdown(self) -> dict:
         """Parameter counts: sd (what SD1.5's layout holds, conv_in at latent_channels inputs),
@@ -229,8 +241,10 @@ class UNet(nn.Module):
             out["total"] += p.numel()
             if self.is_temporal_name(n):
                 out["temporal"] += p.numel()
-            elif self.is_new_parameter(n):
+            elif self.is_image_branch_name(n):
                 out["image_branch"] += p.numel()
+            elif self.is_guidance_name(n):
+                pass                                    # a student's guidance embedding: in total only
             elif n == "input_blocks.0.0.weight":
                 local = p[:, self.cfg.latent_channels:].numel()
                 out["local_conv_in"] += local
@@ -247,10 +261,11 @@ class UNet(nn.Module):
 
     # ---------------------------------------------------------------------------- forward
 
-    def forward(self, z_t, t, text=None, image=None, local=None):
+    def forward(self, z_t, t, text=None, image=None, local=None, guidance=None):
         """z_t (B, C, h, w) or (B, F, C, h, w) (after inflate); t (B,) or a scalar;
         text (B, Lt, context_dim) | None; image (B, Li, context_dim) | None (None: branch skipped);
-        local (B[, F], local_channels, h, w) | None (None: zeros). Returns the prediction shaped like z_t."""
+        local (B[, F], local_channels, h, w) | None (None: zeros); guidance (B, guidance_inputs), a
+        student's scales (required by a student, refused otherwise). Returns the prediction shaped like z_t."""
         cfg = self.cfg
         if z_t.ndim == 5:
             if not cfg.temporal:
@@ -284,6 +299,8 @@ class UNet(nn.Module):
 
         emb = timestep_embedding(t, cfg.unet_channels[0]).to(self.time_embed[0].weight.dtype)
         emb = self.time_embed(emb)  # (B, 4 c0)
+        if self.guidance_inputs or guidance is not None:
+            emb = emb + self._guidance(guidance, B).to(emb.dtype)
         if Fr > 1:  # per-frame copies, once per forward
             emb = emb.repeat_interleave(Fr, dim=0)
             text = None if text is None else text.repeat_interleave(Fr, dim=0)  # (B*F, Lt, ctx)
@@ -299,6 +316,17 @@ class UNet(nn.Module):
             x = checkpoint(blk, x, emb, text, image, Fr, enabled=ck)
         x = self.out(x)
         return x.reshape(z_t.shape).contiguous()  # NCHW out whatever MEMORY_FORMAT is
+
+    def _guidance(self, g, B):
+        G = self.guidance_inputs
+        if not G:
+            raise ValueError("guidance scales were given but this UNet is not a distilled student (guidance_inputs=0)")
+        if g is None or tuple(g.shape) != (B, G):
+            raise ValueError(f"a distilled student needs guidance=(B, {G}) scales (1 joint + one per condition); "
+                             f"got {None if g is None else tuple(g.shape)}")
+        c0 = self.cfg.unet_channels[0]
+        e = timestep_embedding(g.reshape(-1).float() * 100.0, c0).view(B, G * c0)   # scales 0..10 -> 0..1000
+        return self.guidance_embed(e.to(self.guidance_embed[0].weight.dtype))
 
     def _check_context(self, name, c, B):
         if c is None:

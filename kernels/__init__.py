@@ -1,10 +1,13 @@
-"""Triton kernels (DESIGN.md §7): spatial, temporal and dual cross-attention, GroupNorm(+SiLU).
+"""Triton kernels (docs/ARCHITECTURE.md, "Kernels"): spatial, temporal and dual cross-attention,
+GroupNorm(+SiLU).
 
-    attention(q, k, v, scale=None)                         kernels/attention.py
-    temporal_attention(q, k, v, scale=None)                kernels/temporal_attention.py
-    dual_cross_attention(q_t, k_t, v_t, q_i, k_i, v_i, scale=None)   kernels/dual_cross_attention.py
+    attention(q, k, v, scale=None)                         kernels/spatial.py
+    temporal_attention(q, k, v, scale=None)                kernels/temporal.py
+    dual_cross_attention(q_t, k_t, v_t, q_i, k_i, v_i, scale=None)   kernels/dual_cross.py
     group_norm_silu(x, weight, bias, num_groups, eps=1e-5, silu=True) kernels/group_norm.py
     supports(op, *tensors) -> bool                         the dispatcher's question for `auto`
+    kernels/_common.py                                     what the kernel files share (private)
+    kernels/dispatch.py, kernels/dispatch.json             when attn_backend=auto takes a kernel
     HEARTBEAT_AUTOTUNE=1                                   launch-config autotuning, kernels/tuning.py
 
 Importing this package has no side effects and does not import Triton: the kernel modules load on
@@ -14,13 +17,11 @@ On CPU tensors the kernels run only under TRITON_INTERPRET=1 (set before Triton 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 _MODULES = {
-    "attention": "attention",
-    "temporal_attention": "temporal_attention",
-    "dual_cross_attention": "dual_cross_attention",
+    "attention": "spatial",
+    "temporal_attention": "temporal",
+    "dual_cross_attention": "dual_cross",
     "group_norm_silu": "group_norm",
 }
 _compat_done = False
@@ -38,12 +39,20 @@ def _module(op: str):
 
 
 def _interpreter_compat():
-    """Two fixes to Triton 3.6's CPU interpreter, applied under TRITON_INTERPRET=1 only (idempotent;
+    """Three fixes to Triton 3.6's CPU interpreter, applied under TRITON_INTERPRET=1 only (idempotent;
     nothing changes when compiling for a GPU):
     - it calls int() on 1-element arrays for range() bounds, which NumPy >= 2.3 rejects ("only
       0-dimensional arrays can be converted"): __index__ now reads the element;
     - its tl.dot multiplies bf16 operands as their raw uint16 bits (garbage): bf16 operands are now
-      widened to fp32 first, which is what a bf16 tensor-core dot with fp32 accumulation computes."""
+      widened to fp32 first, which is what a bf16 tensor-core dot with fp32 accumulation computes;
+    - its fp32-accumulating tl.dot is np.matmul, whose rounding depends on the BLAS kernel that
+      OpenBLAS picks for the CPU and on the operand order: the forward's Q K^T and the backward's
+      K Q^T then round the same logit differently, and a large softmax scale turns that difference
+      into an error in the recomputed P (the backward's P = exp2(s * scale - lse) no longer sums to
+      one; measured: dV error 3e-5..8e-5 instead of 8e-6 at scale 4, D 64 when the two dots sum in
+      different orders). On a GPU each logit is one ordered accumulation over the head dim in both
+      kernels. The interpreter now accumulates in float64 and rounds once, so a logit has the same
+      value whichever kernel, operand order or CPU computes it."""
     global _compat_done
     import os
     if _compat_done or os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
@@ -73,10 +82,15 @@ def _interpreter_compat():
             return ti.TensorHandle(data, ti.tl.float32)
         return x
 
-    def create_dot_bf16(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return create_dot(self, widened(a), widened(b), d, input_precision, max_num_imprecise_acc)
+    def create_dot_exact(self, a, b, d, input_precision, max_num_imprecise_acc):
+        a, b = widened(a), widened(b)
+        np = ti.np
+        if d.data.dtype == np.float32 and a.data.dtype.kind == "f" and b.data.dtype.kind == "f":
+            acc = np.matmul(a.data.astype(np.float64), b.data.astype(np.float64)) + d.data.astype(np.float64)
+            return ti.TensorHandle(acc.astype(np.float32), d.dtype.scalar)
+        return create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
 
-    builder.create_dot = create_dot_bf16
+    builder.create_dot = create_dot_exact
 
 
 def supports(op: str, *tensors) -> bool:
@@ -114,18 +128,3 @@ def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, silu=True):
 
 
 __all__ = ["supports", "attention", "temporal_attention", "dual_cross_attention", "group_norm_silu"]
-
-
-class _CallableModule(types.ModuleType):
-    """Three kernel files share their names with the functions above (kernels/attention.py and the
-    function kernels.attention). Importing a submodule makes Python set it as this package's
-    attribute in place of the function, so each of those files makes itself callable: calling the
-    module calls its function of the same name. `kernels.attention(q, k, v)`, `import
-    kernels.attention as ka` and `from kernels.attention import ...` then all work."""
-
-    def __call__(self, *args, **kwargs):
-        return getattr(self, self.__name__.rsplit(".", 1)[1])(*args, **kwargs)
-
-
-def _callable_module(name: str) -> None:
-    sys.modules[name].__class__ = _CallableModule

@@ -1,4 +1,4 @@
-"""Offline compilation of every kernel variant for sm_90 / sm_80, with no GPU (DESIGN.md §7).
+"""Offline compilation of every kernel variant for sm_90 / sm_80, with no GPU (docs/ARCHITECTURE.md, "Kernels").
 
     python -m kernels.compile_check [--arch 90 80] [--only attention ...] [--all] [--json FILE]
 
@@ -26,7 +26,7 @@ import sys
 import time
 
 SMEM_LIMIT = {90: 232448, 80: 166912}     # bytes of shared memory one block may use (228 KB / 163 KB)
-MODULES = ("attention", "temporal_attention", "dual_cross_attention", "group_norm")
+MODULES = ("spatial", "temporal", "dual_cross", "group_norm")
 TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 

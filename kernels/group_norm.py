@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import check_device, empty, empty_like
+from ._common import check_device, empty, empty_like
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

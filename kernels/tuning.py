@@ -5,12 +5,12 @@
     print(report())                                        # what was chosen, per kernel and shape key
 
 By default every launch uses the heuristic config of its kernel file (FWD_CONFIGS / BWD_CONFIGS in
-kernels/attention.py), which was chosen without a GPU to time it on. With tuning on, the first call
+kernels/_common.py), which was chosen without a GPU to time it on. With tuning on, the first call
 of a kernel for a shape key times each candidate (triton.testing.do_bench: warm-up, then the
 median of CUDA-event timings), keeps the fastest for the rest of the process and uses it from then
 on; a candidate that fails to launch (too much shared memory on a smaller GPU) is skipped. The
 first call per shape therefore costs a compile and a few runs per candidate: that is why it is off
-by default. The candidates are the lists in kernels/attention.py (FWD_CANDIDATES, BWD_CANDIDATES,
+by default. The candidates are the lists in kernels/_common.py (FWD_CANDIDATES, BWD_CANDIDATES,
 used by the spatial and the dual cross-attention kernels, fp16/bf16 only; fp32 keeps the heuristic).
 Every candidate is compiled offline for sm_90 and sm_80 in the tests (compile_variants), so one
 that cannot compile fails CI rather than a user's first tuned run.
@@ -26,8 +26,11 @@ _best: dict = {}
 _times: dict = {}
 
 
+ENABLED = os.environ.get("HEARTBEAT_AUTOTUNE", "0") not in ("", "0")   # read once, at import
+
+
 def enabled() -> bool:
-    return os.environ.get("HEARTBEAT_AUTOTUNE", "0") not in ("", "0")
+    return ENABLED
 
 
 def pow2_bucket(n: int) -> int:

@@ -1,4 +1,4 @@
-"""kernels/dual_cross_attention.py: two softmaxes, one output, gradients for all six inputs, vs float64."""
+"""kernels/dual_cross.py: two softmaxes, one output, gradients for all six inputs, vs float64."""
 import pytest
 import torch
 
@@ -11,7 +11,7 @@ def _runnable():
 
 
 def run_case(B, Lq, H, D, Lt, Li, dtype, shared=False, cfg=None, strided=False, seed=0):
-    from kernels.dual_cross_attention import dual_cross_attention, dual_cross_attention_ref
+    from kernels.dual_cross import dual_cross_attention, dual_cross_attention_ref
     g = torch.Generator().manual_seed(seed)
     if strided:   # queries and contexts sliced out of wider projections: non-contiguous views
         q_t = rand(B, Lq, H, 2 * D, dtype=dtype, gen=g)[..., :D]
@@ -75,7 +75,7 @@ def test_strided_inputs(shared):
 
 def test_same_memory_different_tensors():
     """q_i a different tensor object viewing q_t's memory: read once, but each gets its own grad."""
-    from kernels.dual_cross_attention import dual_cross_attention
+    from kernels.dual_cross import dual_cross_attention
     g = torch.Generator().manual_seed(5)
     base = rand(1, 17, 2, 40, gen=g).requires_grad_()
     q_t, q_i = base.view(1, 17, 2, 40), base.view(1, 17, 2, 40)
@@ -83,13 +83,13 @@ def test_same_memory_different_tensors():
     o = dual_cross_attention(q_t, kv[0], kv[1], q_i, kv[2], kv[3])
     o.sum().backward()
     b64 = base.detach().double().requires_grad_()
-    from kernels.dual_cross_attention import dual_cross_attention_ref
+    from kernels.dual_cross import dual_cross_attention_ref
     dual_cross_attention_ref(b64, kv[0].double(), kv[1].double(), b64, kv[2].double(), kv[3].double()).sum().backward()
     assert (base.grad.double() - b64.grad).abs().max().item() < 1e-5
 
 
 def test_deterministic():
-    from kernels.dual_cross_attention import dual_cross_attention
+    from kernels.dual_cross import dual_cross_attention
     g = torch.Generator().manual_seed(1)
     q = rand(1, 29, 2, 40, dtype=torch.bfloat16, gen=g)
     ctx = [rand(1, L, 2, 40, dtype=torch.bfloat16, gen=g) for L in (77, 77, 16, 16)]
@@ -107,7 +107,7 @@ def test_deterministic():
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_matches_two_sdpa_calls_on_gpu():
     import torch.nn.functional as F
-    from kernels.dual_cross_attention import dual_cross_attention
+    from kernels.dual_cross import dual_cross_attention
     q = rand(4, 1024, 8, 40, dtype=torch.bfloat16)
     kt, vt, ki, vi = (rand(4, L, 8, 40, dtype=torch.bfloat16) for L in (77, 77, 64, 64))
     sd = lambda q, k, v: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)

@@ -1,4 +1,4 @@
-"""kernels/temporal_attention.py: attention along frames on (N, F, H, D) strided views, vs float64."""
+"""kernels/temporal.py: attention along frames on (N, F, H, D) strided views, vs float64."""
 import os
 
 import pytest
@@ -24,7 +24,7 @@ def unet_views(B, F, hw, H, D, dtype, gen):
 
 
 def run_case(N, F, H, D, dtype, layout="contiguous", scale=None, seed=0, B=1):
-    from kernels.temporal_attention import temporal_attention, temporal_attention_ref
+    from kernels.temporal import temporal_attention, temporal_attention_ref
     g = torch.Generator().manual_seed(seed)
     if layout == "contiguous":
         q, k, v = (rand(N, F, H, D, dtype=dtype, gen=g) for _ in range(3))
@@ -80,7 +80,7 @@ def test_frames_64_and_odd():
 def test_grid_is_one_dimensional():
     """Any number of sequences: the launch grid is 1-D (axis 0 holds 2^31 - 1 programs), never
     B*H on axis 1/2 where CUDA stops at 65,535."""
-    from kernels.temporal_attention import grid_size, tile_rows
+    from kernels.temporal import grid_size, tile_rows
     assert tile_rows(16) == 64 and tile_rows(1) == 64 and tile_rows(64) == 64
     assert grid_size(1 << 26, 16) == (1 << 26) // 4   # 64-row tiles: 4 sequences of 16 frames each
     assert grid_size(70_001, 7) == -(-70_001 // 8)     # F_pad = 8: 8 sequences per tile
@@ -91,7 +91,7 @@ def test_grid_is_one_dimensional():
                     reason="~1 min in the interpreter: set HEARTBEAT_SLOW_TESTS=1 (always runs on CUDA)")
 def test_batch_beyond_65535():
     """N*H = 70,000 sequences, forward and backward, every element written (outputs start as NaN)."""
-    from kernels.temporal_attention import temporal_attention, temporal_attention_ref
+    from kernels.temporal import temporal_attention, temporal_attention_ref
     g = torch.Generator().manual_seed(3)
     q, k, v = (rand(70_000, 2, 1, 16, dtype=torch.float16, gen=g).requires_grad_() for _ in range(3))
     o = temporal_attention(q, k, v)
@@ -102,7 +102,7 @@ def test_batch_beyond_65535():
 
 
 def test_deterministic():
-    from kernels.temporal_attention import temporal_attention
+    from kernels.temporal import temporal_attention
     g = torch.Generator().manual_seed(1)
     q, k, v = (rand(6, 16, 2, 40, dtype=torch.bfloat16, gen=g) for _ in range(3))
     do = rand(6, 16, 2, 40, dtype=torch.bfloat16, gen=g)
@@ -117,7 +117,7 @@ def test_deterministic():
 
 
 def test_launcher_checks():
-    from kernels.temporal_attention import temporal_attention
+    from kernels.temporal import temporal_attention
     with pytest.raises(ValueError):
         temporal_attention(*(rand(2, 65, 1, 16),) * 3)
     with pytest.raises(ValueError):
@@ -128,7 +128,7 @@ def test_launcher_checks():
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_matches_sdpa_on_gpu():
     import torch.nn.functional as F
-    from kernels.temporal_attention import temporal_attention
+    from kernels.temporal import temporal_attention
     q, k, v = unet_views(1, 16, 4096, 8, 40, torch.bfloat16, None)
     o = temporal_attention(q, k, v)
     ref = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)

@@ -12,7 +12,7 @@ def tuning(monkeypatch):
     need_runnable()
     from kernels import tuning as T
     T.reset()
-    monkeypatch.setenv("HEARTBEAT_AUTOTUNE", "1")
+    monkeypatch.setattr(T, "ENABLED", True)   # HEARTBEAT_AUTOTUNE=1, read at import
     yield T
     T.reset()
 
@@ -47,9 +47,9 @@ def test_choose_takes_the_fastest_once_and_skips_failures(tuning):
 def test_off_by_default(monkeypatch):
     need_runnable()
     from kernels import tuning as T
-    monkeypatch.delenv("HEARTBEAT_AUTOTUNE", raising=False)
+    monkeypatch.setattr(T, "ENABLED", False)
     T.reset()
-    from kernels.attention import attention
+    from kernels.spatial import attention
     q = rand(1, 9, 2, 40, dtype=torch.bfloat16)
     attention(q, q, q)
     assert T.report() == ""
@@ -59,8 +59,8 @@ def test_off_by_default(monkeypatch):
 def test_tuned_spatial_and_dual_attention_are_correct(tuning, monkeypatch, dtype):
     """With tuning on, each kernel times its candidates (fake times: the last candidate wins, a
     non-default config) and the result, forward and backward, still matches float64."""
-    from kernels import attention as A
-    from kernels.dual_cross_attention import dual_cross_attention, dual_cross_attention_ref
+    from kernels import spatial as A
+    from kernels.dual_cross import dual_cross_attention, dual_cross_attention_ref
     monkeypatch.setattr(tuning, "cuda_time_ms", fake_timer([5.0, 4.0, 3.0, 2.0] * 8))
     g = torch.Generator().manual_seed(0)
     q, k, v, do = (rand(1, 19, 2, 40, dtype=dtype, gen=g) for _ in range(4))

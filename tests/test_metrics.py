@@ -315,3 +315,22 @@ def test_segmenter_learns_deterministic_and_roundtrip(tmp_path):
     assert up.shape == (4, 64, 64)
     with pytest.raises(FileNotFoundError, match="not found"):
         train_segmenter(tmp_path / "none.h5", steps=1)
+
+
+def test_warp_error_is_low_for_coherent_motion_and_high_for_flicker():
+    """A blob moving 1 px a frame: warped by its true flow (and by its own estimated flow) the next
+    frame lands on this one; independent noise frames (flicker) cannot be explained by any flow."""
+    from heartbeat.metrics import warp_error
+    yy, xx = np.mgrid[0:32, 0:32]
+    frames = np.stack([255 * np.exp(-((xx - 10 - f) ** 2 + (yy - 16) ** 2) / 30.0) for f in range(5)])
+    clip = frames.round().astype(np.uint8)
+    true = np.zeros((5, 2, 32, 32), np.float32)
+    true[:, 0] = 1.0
+    still = np.zeros_like(true)
+    assert warp_error(clip, true) < 1.0 < warp_error(clip, still)
+    assert warp_error(clip) < 3.0                                   # its own (DIS) flow
+    noise = np.random.default_rng(0).integers(0, 256, (5, 32, 32)).astype(np.uint8)
+    assert warp_error(noise) > 40
+    region = np.zeros((32, 32), bool)
+    region[:, 28:] = True                                            # right of the blob: nothing moves
+    assert warp_error(clip, still, region) < 0.5

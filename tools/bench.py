@@ -11,7 +11,7 @@ Each row: milliseconds, TFLOP/s from the useful-FLOP count below, GB/s from the 
 percentage of the ceiling and the ratio to the best baseline (best baseline time / ours, > 1 = faster).
 --e2e: the sd15 video UNet (heartbeat/unet.py) training step (16 frames, 256x256, batch 1, bf16
 autocast, AdamW on the temporal parameters) and a 50-step DDIM clip with classifier-free guidance,
-per attention backend (HEARTBEAT_ATTN_BACKEND), with peak memory.
+per attention backend (ModelConfig.attn_backend), with peak memory.
 
 Useful FLOPs (softmax and recomputation not counted):
   attention   fwd 4 B H Lq Lk D (QK^T and PV);  bwd 8 B H Lq Lk D (dV, dP, dQ, dK)
@@ -144,13 +144,13 @@ def attention_impls(layout="blhd"):
     return impls
 
 
-def rows_for(kind, shape, impls, make_inputs, flops, nbytes, reps, ceil, ours=("triton",)):
+def rows_for(kind, shape, impls, make_inputs, flops, nbytes, reps, ceil, ours=("triton",), dim=None):
     """Time every impl on fresh inputs; return rows with TFLOP/s, GB/s and ratios to the best baseline."""
     rows = []
     for name, f in impls.items():
         inputs = make_inputs(name)
         res = _try(lambda: time_impl(lambda: f(*inputs[0]), inputs[1], reps=reps))
-        row = dict(kernel=kind, shape=shape, impl=name)
+        row = dict(kernel=kind, shape=shape, impl=name, dtype="bf16", dim=dim)
         if isinstance(res, str):
             row["error"] = res
         else:
@@ -187,7 +187,7 @@ def bench_spatial(reps, ceil):
         f = 4 * B * H * L * L * D
         e = 2 * B * L * H * D
         rows += rows_for("spatial", f"B={B} L={L} H={H} D={D}", impls, make, (f, 2 * f, 3 * f),
-                         (4 * e, 8 * e, 12 * e), reps, ceil)
+                         (4 * e, 8 * e, 12 * e), reps, ceil, dim=D)
     return rows
 
 
@@ -233,7 +233,7 @@ def bench_temporal(reps, ceil):
         f = 4 * N * H * Fr * Fr * D
         e = 2 * N * Fr * H * D
         rows += rows_for("temporal", f"N={N} F={Fr} H={H} D={D}", impls, make, (f, 2 * f, 3 * f),
-                         (4 * e, 8 * e, 12 * e), reps, ceil)
+                         (4 * e, 8 * e, 12 * e), reps, ceil, dim=D)
     return rows
 
 
@@ -257,7 +257,7 @@ def bench_dual(reps, ceil):
         e = 2 * H * D * B
         rd = e * (L + 2 * Lt + 2 * Li + L)      # q, k_t, v_t, k_i, v_i, o
         rows += rows_for("dual_cross", f"B={B} L={L} H={H} D={D} Lt={Lt} Li={Li}", impls, make,
-                         (f, 2 * f, 3 * f), (rd, 2 * rd, 3 * rd), reps, ceil)
+                         (f, 2 * f, 3 * f), (rd, 2 * rd, 3 * rd), reps, ceil, dim=D)
     return rows
 
 
@@ -279,7 +279,7 @@ def bench_groupnorm(reps, ceil):
             return (x, w, b), (x, w, b)
         e = 2 * N * C * hw * hw
         rows += rows_for("group_norm_silu", f"N={N} C={C} h=w={hw}", impls, make, (0, 0, 0),
-                         (2 * e, 3 * e, 5 * e), reps, ceil)
+                         (2 * e, 3 * e, 5 * e), reps, ceil, dim=C)
     return rows
 
 
@@ -301,10 +301,10 @@ def bench_e2e(reps):
         pass
     rows = []
     for be in backends:
-        os.environ["HEARTBEAT_ATTN_BACKEND"] = be
         row = dict(kernel="e2e", impl=be)
         try:
             cfg = get_config("sd15").model
+            cfg.attn_backend = be
             torch.manual_seed(0)
             unet = UNet(cfg).cuda()
             unet.inflate()
@@ -345,7 +345,6 @@ def bench_e2e(reps):
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         rows.append(row)
         torch.cuda.empty_cache()
-    os.environ.pop("HEARTBEAT_ATTN_BACKEND", None)
     ref = next((r for r in rows if r["impl"] == "triton" and "error" not in r), None)
     for r in rows:
         if ref and r is not ref and "error" not in r:
@@ -359,10 +358,10 @@ def cpu_smoke():
     """Tiny forward+backward of each kernel in Triton's interpreter vs a float64 reference."""
     import kernels
     kernels._interpreter_compat()
-    from kernels.attention import attention_ref
-    from kernels.dual_cross_attention import dual_cross_attention_ref
+    from kernels.spatial import attention_ref
+    from kernels.dual_cross import dual_cross_attention_ref
     from kernels.group_norm import group_norm_silu_ref
-    from kernels.temporal_attention import temporal_attention_ref
+    from kernels.temporal import temporal_attention_ref
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g)   # noqa: E731
     cases = {
@@ -439,6 +438,26 @@ def environment():
     return env
 
 
+def write_dispatch(result, env, force):
+    """--write-dispatch: this run's kernel rows -> kernels/dispatch.json, under this GPU's name and
+    compute capability (kernels/dispatch.py)."""
+    from kernels import dispatch
+    if not CUDA:
+        print("--write-dispatch: needs a GPU run (no CUDA here); nothing written")
+        return
+    entries = dispatch.make_entries(result["rows"])
+    major, minor = torch.cuda.get_device_capability()
+    measured = f"{env['date']}, torch {env['torch']}, triton {env['triton']}: {env['command']}"
+    try:
+        path = dispatch.write_table(entries, env["device"], f"sm_{major}{minor}", measured, force=force)
+    except FileExistsError as e:
+        print(f"--write-dispatch: {e}")
+        return
+    result["dispatch"] = entries
+    print(f"--write-dispatch: {len(entries)} entries for {env['device']} in {path}: " +
+          ", ".join(f"{k} fwd x{v.get('fwd')} fwdbwd x{v.get('fwdbwd')}" for k, v in sorted(entries.items())))
+
+
 def dry_run_shapes():
     global SPATIAL, TEMPORAL, DUAL, GROUPNORM, GN_BATCH
     SPATIAL = [(1, 33, 2, 40)]
@@ -458,12 +477,18 @@ def main(argv=None):
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU: run the kernel tables' code on tiny shapes in the interpreter (checks this "
                          "script; the numbers mean nothing)")
+    ap.add_argument("--write-dispatch", action="store_true",
+                    help="GPU: record in kernels/dispatch.json which kernels beat the best baseline on this GPU "
+                         "(per op, dtype and dim; what attn_backend=auto reads, kernels/dispatch.py)")
+    ap.add_argument("--force", action="store_true", help="--write-dispatch: replace this GPU's existing entry")
     ap.add_argument("--autotune", action="store_true",
                     help="HEARTBEAT_AUTOTUNE=1: the attention kernels time their candidate configs per shape "
                          "first (kernels/tuning.py); the choices are printed and stored under 'tuning'")
     args = ap.parse_args(argv)
     if args.autotune:
         os.environ["HEARTBEAT_AUTOTUNE"] = "1"
+        from kernels import tuning
+        tuning.ENABLED = True
     if not args.kernels and not args.e2e:
         args.kernels = True
     env = environment()
@@ -508,6 +533,8 @@ def main(argv=None):
             print("[e2e]")
             print_rows(rows)
             result["rows"] += rows
+    if args.write_dispatch:
+        write_dispatch(result, env, args.force)
     if args.autotune:
         from kernels import tuning
         result["tuning"] = tuning.report()

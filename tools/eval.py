@@ -24,7 +24,14 @@ Metrics (docs/METRICS.md gives the exact protocols):
            dice_lv / dice_myo / dice_la against the conditioning masks (per clip, then averaged),
            mv_px: annulus points of the segmentation vs the conditioning mv_points,
            flow_epe_px: DIS flow of the generated clip vs the conditioning flow inside the sector,
-           ef_err: |area-EF of the segmentation - area-EF of the conditioning masks| (percent).
+           warp_err: frame f+1 warped onto frame f by the clip's own DIS flow, mean |difference|
+           in grey levels inside the sector (temporal consistency; clips of 2+ frames),
+           ef_err: |area-EF of the segmentation - area-EF of the conditioning masks| (percent),
+           ef_req_err: |area-EF of the segmentation - the requested EF| (sample.py --anatomy=model).
+  privacy  copy_rate: the fraction of generated clips nearer a real training clip (the segmenter's
+           encoder features) than the --copy_quantile-th percentile of the real test clips' own
+           nearest-training distances; always DIR/train.h5 and DIR/test.h5 of the real folder,
+           whatever --split pairs the clips with (samples made from the train split: --split=train).
 Writes OUT/metrics.json and OUT/metrics.md (OUT defaults to the fake file's folder), and
 OUT/segmenter.safetensors when it trained one.
 """
@@ -47,11 +54,11 @@ import numpy as np  # noqa: E402
 from heartbeat import metrics as M  # noqa: E402
 from heartbeat.config import CONDITIONS as CONDITION_ORDER  # noqa: E402
 
-METRICS = ("fid", "fvd", "ssim", "control")
+METRICS = ("fid", "fvd", "ssim", "control", "privacy")
 SHORT = {"text": "T", "image": "I", "sketch": "S", "mask": "M", "mv": "V", "flow": "F"}
 STRUCTURES = {1: "lv", 2: "myo", 3: "la"}
 COLUMNS = ("n", "fid", "fvd", "ssim", "dice_lv", "dice_myo", "dice_la", "mv_px", "flow_epe_px",
-           "ef_err")
+           "warp_err", "ef_err", "ef_req_err", "copy_rate")
 
 
 class EvalError(Exception):
@@ -207,9 +214,11 @@ def control_metrics(frames: np.ndarray, seg: np.ndarray, cond: Conditions, i: in
         if np.isfinite(d).any():
             out["mv_px"] = float(np.nanmean(d))
     flow = cond.get("flow", i)
-    if flow is not None and len(frames) > 1:
-        est = M.estimate_flow(frames)
+    est = M.estimate_flow(frames) if len(frames) > 1 else None
+    if flow is not None and est is not None:
         out["flow_epe_px"] = M.flow_epe(est[:-1], np.asarray(flow[:-1], np.float32), sector)
+    if est is not None:                          # temporal consistency: the clip under its own flow
+        out["warp_err"] = M.warp_error(frames, est, sector)
     return out
 
 
@@ -316,10 +325,24 @@ def _evaluate(args, fake, real, fake_path, real_path) -> dict:
     notes, timing = [], {}
 
     seg_model = None
-    if "control" in args.metrics:
+    if "control" in args.metrics or "privacy" in args.metrics:
         seg_model, how = get_segmenter(args, real_path)
         notes.append(how)
+    if "privacy" in args.metrics:                       # heartbeat/privacy.py
+        from heartbeat.privacy import PrivacyError, copy_report, summary
+        try:
+            rep = copy_report(fake["video"], real_path.parent / "train.h5", real_path.parent / "test.h5", seg_model,
+                              args.copy_quantile)
+        except PrivacyError as e:
+            raise EvalError(str(e)) from None
+        for g, idx in groups.items():
+            results[g]["copy_rate"] = float(rep["flagged"][idx].mean())
+        notes.append(summary(rep))
+    if "control" not in args.metrics:
+        seg_model = None
+    else:
         from heartbeat.segmenter import segment
+        from heartbeat.anatomy import ef_request_error
     per_clip = {}
     t0, c0, n_frames = time.perf_counter(), time.process_time(), 0
     if "ssim" in args.metrics or "control" in args.metrics:
@@ -331,7 +354,10 @@ def _evaluate(args, fake, real, fake_path, real_path) -> dict:
                 r["ssim"] = float(M.ssim(frames, ref, data_range=255.0).mean())
             if seg_model is not None:
                 sector = (ref if ref is not None else frames).max(0) > 0
-                r.update(control_metrics(frames, segment(seg_model, frames), cond, i, sector))
+                seg = segment(seg_model, frames)
+                r.update(control_metrics(frames, seg, cond, i, sector))
+                if "meta" in fake:        # clips made at a requested EF (heartbeat/anatomy.py)
+                    r.update(ef_request_error(seg, cond.get("mask", i), fake["meta"][i]))
             per_clip[i] = r
             n_frames += Fr
         dt, dc = time.perf_counter() - t0, max(time.process_time() - c0, 1e-9)
@@ -407,6 +433,8 @@ def parse(argv):
     p.add_argument("--seg_steps", type=int, default=300)
     p.add_argument("--seg_size", type=int, default=64)
     p.add_argument("--fid_max_frames", type=int, default=10000)
+    p.add_argument("--copy_quantile", type=float, default=1.0,
+                   help="privacy: copy threshold = this percentile of real test-to-train distances")
     p.add_argument("--group", default="conditions", help="conditions | conditions,view")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="", help="for the FID / FVD networks (default: cuda if available)")

@@ -4,6 +4,8 @@
         [--seed=S] [--steps=50] [--sampler=ddim|dpmpp2m|ddpm] [--eta=0] [--conditions=text,image,mask]
         [--guidance=3.0 | --guidance=mask=2,text=1] [--out=DIR] [--frames=F] [--batch=B] [--force]
         [--mask=DIR_OR_NPY] [--prior=PNG] [--prompt="..."] [--sketch=PNG] [--flow=NPY]
+        [--anatomy=model --ef=0.35|0.2:0.7 --view=4CH|2CH]
+        [--filter_copies --segmenter=FILE [--copy_ref=DIR] [--copy_quantile=1]]
     (also `python tools/sample.py ...` on one process)
 
 Under torchrun write --num_samples=K: torchrun's own parser (torch 2.13) rejects `--num` anywhere on
@@ -12,7 +14,9 @@ its command line as an ambiguous abbreviation of its --numa-binding / --numa_bin
 Conditions come from a dataset split (sample k is driven by clip k % N of DIR/SPLIT.h5) or from
 files, which replace the clip's (then source_index = -1). --conditions picks any subset of those the
 checkpoint was trained with (default: all it was trained with that the source provides); the rest
-are dropped exactly as in training. The MV skeleton of a --mask is derived as data_prep does.
+are dropped exactly as in training. --anatomy=model takes the text, mask and MV conditions from
+the parametric heart model at the requested area EF instead (heartbeat/anatomy.py; the request is
+stored in each sample's meta JSON as source.ef_requested). The MV skeleton of a --mask is derived as data_prep does.
 Stage-1 checkpoints make F independent frames per sample (default 1; --frames F with a clip's
 per-frame masks); stage-2 and cmr checkpoints make clips / volumes of F frames.
 
@@ -21,7 +25,9 @@ world, ...), so the same seeds give the same samples on 1 or 8 GPUs. Writes OUT/
 docs/ARCHITECTURE.md §Data schema: video, the conditioning maps given, mask_valid, text, view, patient, meta JSON;
 plus source_index and conditions per sample, root attrs checkpoint/sampler/steps/guidance/seed),
 OUT/sample_XXXXX.gif previews (generated | mask overlay | sketch | MV), OUT/grid.png and
-OUT/sample_args.json. OUT defaults to RUN/samples.
+OUT/sample_args.json. OUT defaults to RUN/samples. --filter_copies then drops the samples closer to
+a real training clip than the copy threshold (heartbeat/privacy.py, docs/METRICS.md §Privacy) and
+records them in samples.h5's `copy_filter` attribute and OUT/copies.json.
 """
 from __future__ import annotations
 
@@ -41,8 +47,9 @@ from heartbeat.config import CONDITIONS, Config, ConfigError  # noqa: E402
 from heartbeat.diffusion import SAMPLERS, SPACINGS, make_timesteps  # noqa: E402
 from heartbeat.guidance import GuidanceError, GuidanceSpec  # noqa: E402
 from heartbeat import sampling as S  # noqa: E402
-from heartbeat.preview import write_previews  # noqa: E402
-from heartbeat.stages import get_stage, sampling_stages  # noqa: E402
+from heartbeat.preview import write_gif, write_previews  # noqa: E402
+from heartbeat.distill import StudentError, check_request, student_scales  # noqa: E402
+from heartbeat.stages import model_stage, sampling_stages  # noqa: E402
 
 FILE_OPTIONS = {"mask": "mask", "prior": "image", "prompt": "text", "sketch": "sketch", "flow": "flow"}
 
@@ -75,9 +82,23 @@ def parse_args(argv=None):
     p.add_argument("--flow", default="", help="optical flow .npy (F, 2, H, W) in pixels")
     p.add_argument("--prior_frame", type=int, default=-1, help="clip frame used as image prior (-1: middle)")
     p.add_argument("--previews", type=int, default=4, help="samples previewed as GIF/MP4")
+    p.add_argument("--gif", default="", help="also write sample 0 beside its conditions as this GIF (Pillow)")
     p.add_argument("--no_ema", action="store_true", help="raw weights instead of the EMA")
     p.add_argument("--save_latents", action="store_true", help="also store the sampled latents")
+    p.add_argument("--compile", action="store_true", help="run the UNet through torch.compile (slow first batch)")
+    p.add_argument("--cuda_graph", action="store_true", help="replay each step's UNet call from a CUDA graph (GPU)")
     p.add_argument("--device", default="", help="default: cuda:LOCAL_RANK if CUDA, else cpu")
+    p.add_argument("--anatomy", default="", choices=("", "model"),
+                   help="model: masks and MV from the parametric heart model (heartbeat/anatomy.py)")
+    p.add_argument("--ef", default="", help="with --anatomy=model: area EF, 0.35 or a uniform range 0.2:0.7")
+    p.add_argument("--view", default="4CH", help="with --anatomy=model: 2CH or 4CH")
+    p.add_argument("--filter_copies", action="store_true",
+                   help="drop samples that copy a training patient (heartbeat/privacy.py); needs --segmenter")
+    p.add_argument("--copy_ref", default="", help="real folder (train.h5, test.h5) for --filter_copies "
+                   "(default: --data)")
+    p.add_argument("--segmenter", default="", help="segmenter .safetensors whose encoder is the copy check's features")
+    p.add_argument("--copy_quantile", type=float, default=1.0,
+                   help="threshold: this percentile of real test-to-train distances")
     return p.parse_args(argv)
 
 
@@ -110,6 +131,9 @@ def resolve_conditions(args, cfg, video: bool) -> tuple:
     if not video:
         trained = tuple(c for c in trained if c != "flow")
     files = [FILE_OPTIONS[o] for o in FILE_OPTIONS if getattr(args, o) not in ("", None)]
+    if args.anatomy:                                  # the heart model gives these (heartbeat/anatomy.py)
+        from heartbeat.anatomy import CONDITIONS as MODEL_CONDITIONS
+        files += [c for c in MODEL_CONDITIONS if c in trained and c not in files]
     for name in files:
         if name not in trained:
             opt = [o for o, c in FILE_OPTIONS.items() if c == name][0]
@@ -134,7 +158,7 @@ def resolve_conditions(args, cfg, video: bool) -> tuple:
                                  for c in missing)
                 raise S.SampleError(f"--conditions asks for {need} but no such input is given; give it, or "
                                     f"--data=DIR to take conditions from a dataset split")
-        ignored = [c for c in files if c not in asked]
+        ignored = [c for c in files if c not in asked and not args.anatomy]
         if ignored:
             raise S.SampleError(f"a file is given for {', '.join(ignored)} but --conditions leaves it out; "
                                 f"add it to --conditions or drop the file option")
@@ -168,7 +192,8 @@ def plan(args) -> dict:
     """Everything checked before any process group, folder or model exists."""
     from heartbeat.data import DataError, find_split
     path, meta, cfg = read_checkpoint_config(args.ckpt)
-    video = get_stage(meta["stage"]).video
+    stage = model_stage(meta["stage"], cfg.model)          # a distilled student: its teacher's stage
+    video = stage.video
     used = resolve_conditions(args, cfg, video)
     try:
         spec = GuidanceSpec.parse(args.guidance)
@@ -179,12 +204,27 @@ def plan(args) -> dict:
         make_timesteps(args.steps, args.spacing, cfg.model.timesteps)
     except ValueError as e:
         raise S.SampleError(f"--steps={args.steps}: {e}") from None
+    try:                                                   # a student: lcm, its steps, its scales
+        check_request(cfg.model, args.sampler, args.steps)
+        if args.sampler == "lcm":
+            student_scales(cfg.model, spec)
+    except StudentError as e:
+        raise S.SampleError(f"--ckpt={args.ckpt}: {e}") from None
     if args.batch < 1 or args.num < 0 or args.frames < 0:
         raise S.SampleError("--batch must be >= 1, --num and --frames >= 0")
     if video and args.frames > cfg.model.max_frames:
         raise S.SampleError(f"--frames={args.frames}: the model's temporal layers take at most {cfg.model.max_frames}")
     files = load_file_conditions(args, cfg, used)
-    if args.data:
+    if args.anatomy and (args.data or files):
+        raise S.SampleError("--anatomy=model makes its own masks: drop --data and the file options")
+    if args.anatomy:
+        if not args.ef:
+            raise S.SampleError("--anatomy=model needs --ef=0.35 (or a range, --ef=0.2:0.7)")
+        from heartbeat.anatomy import AnatomySource
+        source = AnatomySource(cfg, used, args.frames or None, video, args.ef, args.view)
+        from data_prep.h5io import ECHO_LABELS
+        labels = {str(k): v for k, v in ECHO_LABELS.items()}
+    elif args.data:
         try:
             source = S.DatasetSource(cfg, find_split(args.data, args.split), used, args.frames or None, video,
                                      args.prior_frame)
@@ -198,7 +238,7 @@ def plan(args) -> dict:
     else:
         source = S.FileSource(cfg, used, args.frames or None, video, files)
         from data_prep.h5io import CMR_LABELS, ECHO_LABELS
-        modality_labels = CMR_LABELS if get_stage(meta["stage"]).modality == "cmr" else ECHO_LABELS
+        modality_labels = CMR_LABELS if stage.modality == "cmr" else ECHO_LABELS
         labels = {str(k): v for k, v in modality_labels.items()}
     out = Path(args.out) if args.out else path.parent / "samples"
     if out.exists() and not out.is_dir():
@@ -207,6 +247,21 @@ def plan(args) -> dict:
         raise S.SampleError(f"output folder {out} already exists; pass --force to write into it "
                             f"(samples.h5 is replaced only once the new one is complete) or another --out")
     num = args.num or len(source)
+    if args.filter_copies:                            # heartbeat/privacy.py; checked before any sampling
+        from heartbeat.privacy import PrivacyError, check_reference
+        from heartbeat.segmenter import load_segmenter
+        if not (args.copy_ref or args.data):
+            raise S.SampleError("--filter_copies needs the real folder (train.h5, test.h5): --copy_ref=DIR or --data")
+        try:
+            check_reference(args.copy_ref or args.data, args.copy_quantile)
+            load_segmenter(args.segmenter) if args.segmenter else None
+        except (PrivacyError, FileNotFoundError, ValueError) as e:
+            raise S.SampleError(f"--filter_copies: {e}") from None
+        if not args.segmenter:
+            raise S.SampleError("--filter_copies needs --segmenter=FILE (python tools/train.py --stage=seg, or the "
+                                "segmenter.safetensors tools/eval.py writes)")
+    if args.gif and Path(args.gif).exists() and not args.force:
+        raise S.SampleError(f"--gif={args.gif} already exists; pass --force to replace it or name another file")
     return dict(path=path, meta=meta, cfg=cfg, video=video, used=used, spec=spec, source=source, out=out,
                 num=num, labels=labels)
 
@@ -261,7 +316,16 @@ def run(args, p: dict, rank: int, world: int, device) -> Path | None:
     S.merge_parts(parts_files, final, attrs)
     for f in parts_files:
         f.unlink(missing_ok=True)
+    if args.filter_copies:
+        from heartbeat.privacy import filter_file, summary
+        from heartbeat.segmenter import load_segmenter
+        rep = filter_file(final, args.copy_ref or args.data, load_segmenter(args.segmenter), args.copy_quantile,
+                          record=out / "copies.json")
+        print(f"{summary(rep)}; dropped {len(rep['info']['dropped'])}, kept {rep['info']['kept']} "
+              f"(record: {out / 'copies.json'})")
     previews = write_previews(final, out, count=args.previews)
+    if args.gif:
+        previews.append(write_gif(final, args.gif))
     (out / "sample_args.json").write_text(json.dumps(vars(args), indent=2, default=str))
     n = p["num"]
     print(f"wrote {n} samples ({label or 'unconditional'}; {Fr} frame(s) each) to {final} and "
@@ -281,7 +345,8 @@ def _sample_part(args, p, parts, source, ks, part, common, label, latent_shape, 
             jobs = [source.job(k, args.seed + k) for k in ks[b:b + args.batch]]
             z0, video = S.generate(parts, cfg, jobs, steps=args.steps, sampler=args.sampler, eta=args.eta,
                                    guidance=p["spec"], used=used, device=device, spacing=args.spacing,
-                                   rescale=args.guidance_rescale)
+                                   rescale=args.guidance_rescale, compile=args.compile,
+                                   cuda_graph=args.cuda_graph)
             for j, job in enumerate(jobs):
                 rec = job["record"]
                 meta = dict(common, seed=rec["seed"], source_index=rec["source_index"], frames=Fr,
@@ -308,6 +373,10 @@ def main(argv=None) -> int:
         device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    elif args.cuda_graph:
+        if rank == 0:
+            print(f"error: --cuda_graph needs a CUDA device (this run samples on {device}); drop it", file=sys.stderr)
+        return 2
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     created = not p["out"].exists()

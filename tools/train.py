@@ -18,6 +18,8 @@ unknown key is an error listing the valid ones). Stages (heartbeat/stages.py, do
                temporal layers and the new flow encoder train, on clips.
     cmr        few-shot CMR: from a stage-2 checkpoint (--init, else the newest finetune run), mask
                volumes as the only condition, on --data (default data/phantom_cmr, built if absent).
+    distill    a 1-4 step student of the pretrain / finetune / cmr checkpoint --init (required), its
+               guidance scales an input (heartbeat/distill.py); sample it with --sampler=lcm.
     seg        the segmenter of the mask-agreement metric (heartbeat/segmenter.py).
 
 Each run writes runs/NNN-STAGE-PRESET/: config.json (the resolved config), ckpt-N.safetensors
@@ -96,7 +98,7 @@ def parse_args(argv: list[str]) -> tuple[str, str | None, list[str]]:
         else:
             rest.append(a)
     if not stage:
-        raise ConfigError("--stage is required: --stage=vae|pretrain|finetune|cmr|seg")
+        raise ConfigError("--stage is required: --stage=vae|pretrain|finetune|cmr|distill|seg")
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     return stage, preset, rest
@@ -121,14 +123,24 @@ def resolve_config(stage: str, preset: str | None, overrides: list[str]) -> Conf
     preset = preset or "tiny"
     st = get_stage(stage)
     base = get_config(preset)
-    if st.init == "previous":
-        src = probe.train.init or find_run(probe.train.out, st.starts_from[0], preset)
+    if st.init in ("previous", "teacher"):
+        src = probe.train.init or (find_run(probe.train.out, st.starts_from[0], preset) if st.init == "previous"
+                                   else None)
+        if st.init == "teacher" and not src:
+            raise ConfigError(f"stage {stage} needs --init=RUN: the {' / '.join(st.starts_from)} run folder or "
+                              f"ckpt-N.safetensors to distil")
         if src:
             w = ckpt.find_weights(src)
-            ckpt.check_compatible(ckpt.read_meta(w), st.starts_from, preset, what=f"--init={src}", path=w)
+            if not ckpt.is_heartbeat_checkpoint(w):
+                raise ConfigError(f"--init={src}: {w} is not a HeartBeat checkpoint; pass a run folder or "
+                                  f"ckpt-N.safetensors written by tools/train.py ({' / '.join(st.starts_from)})")
+            meta = ckpt.read_meta(w)
+            ckpt.check_compatible(meta, st.starts_from, preset, what=f"--init={src}", path=w)
             saved = ckpt.read_weights(w).config
             base = Config.from_dict({"model": saved.to_dict()["model"], "train": base.to_dict()["train"]})
             overrides = [f"--init={src}"] + overrides
+            if st.distils:       # the student learns on its teacher's data, and samples as its teacher's stage
+                overrides = [f"--teacher_stage={meta['stage']}", f"--data={saved.train.data}"] + overrides
     args = ([f"--stage={stage}"] + stage_overrides(st, base.model.conditions) + list(st.preset_defaults.get(preset, ()))
             + overrides)
     return apply_overrides(base, args)
@@ -175,6 +187,8 @@ def train(cfg: Config, d: Dist) -> Path:
     if resume is not None:              # the run's own weights: before the encoder cache is keyed on its VAE
         model.load_model_state(ckpt.read_weights(resume[0]).model, what=str(resume[0]))
     model.to(d.device)
+    if t.compile and getattr(model, "unet", None) is not None:   # opt-in; parameter names are unchanged
+        model.unet.compile()
     if stage.model == "ldm":                                     # latents + prior tokens once, not every step
         key = ensure_cache(model, cfg, d, log=lambda *a: log(d, *a))
         if key is not None:

@@ -6,7 +6,7 @@
                                     be flattened to one N stride without a copy (B > 1 below)
 
 Supported: CUDA tensors (or CPU under TRITON_INTERPRET=1); fp32 / fp16 / bf16; 1 <= F <= 64;
-1 <= D <= 256 (split into power-of-two pieces as in kernels/attention.py: 40 = 32 + 16, 80 = 64 + 16,
+1 <= D <= 256 (split into power-of-two pieces as in kernels/_common.py: 40 = 32 + 16, 80 = 64 + 16,
 160 = 128 + 32); any number of sequences (the grid is one-dimensional, well past 65,535); any
 strides: the UNet's q/k/v are views of a (B, F, h*w, C) projection, read through their strides,
 never copied. The output is allocated dense in q's own dimension order, so a caller that views q
@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import (DTYPES, LOG2E, MAX_HEAD_DIM, _load, _load_rows, _store, check_device, empty, head_flags,
-                        precision)
+from ._common import (DTYPES, LOG2E, MAX_HEAD_DIM, check_device, empty, head_flags, load, load_rows, precision,
+                      store)
 
 MAX_FRAMES = 64
 
@@ -56,11 +56,11 @@ def _scores(q0, q1, K, koff, kok, d0, d1, D, F, skd, qk_scale,
             HAS_D1: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, ROW_MASK: tl.constexpr,
             ROWS: tl.constexpr, FP: tl.constexpr, PREC: tl.constexpr):
     """Block-diagonal base-2 logits (ROWS, ROWS) and the K^T tiles they were made from."""
-    k0t = _load(K + koff[None, :] + d0[:, None] * skd, d0[:, None] < D, kok[None, :], MASK_D0, ROW_MASK)
+    k0t = load(K + koff[None, :] + d0[:, None] * skd, d0[:, None] < D, kok[None, :], MASK_D0, ROW_MASK)
     s = tl.dot(q0, k0t, input_precision=PREC)
     k1t = k0t
     if HAS_D1:
-        k1t = _load(K + koff[None, :] + d1[:, None] * skd, d1[:, None] < D, kok[None, :], MASK_D1, ROW_MASK)
+        k1t = load(K + koff[None, :] + d1[:, None] * skd, d1[:, None] < D, kok[None, :], MASK_D1, ROW_MASK)
         s += tl.dot(q1, k1t, input_precision=PREC)
     r = tl.arange(0, ROWS)
     same = (r[:, None] // FP) == (r[None, :] // FP)
@@ -85,21 +85,21 @@ def _temporal_fwd(Q, K, V, O,
     ooff, _ = _row_offsets(pid, F, NSEQ, H, S, sob, sos, sof, soh, ROWS, FP)
     d0 = tl.arange(0, D0)
     d1 = D0 + tl.arange(0, D1)
-    q0, q1 = _load_rows(Q, qoff, ok, sqd, D, D0, D1, HAS_D1, MASK_D0, MASK_D1, ROW_MASK)
+    q0, q1 = load_rows(Q, qoff, ok, sqd, D, D0, D1, HAS_D1, MASK_D0, MASK_D1, ROW_MASK)
     s, k0t, k1t = _scores(q0, q1, K, koff, ok, d0, d1, D, F, skd, qk_scale,
                           HAS_D1, MASK_D0, MASK_D1, ROW_MASK, ROWS, FP, PREC)
     m = tl.max(s, 1)
     p = tl.exp2(s - m[:, None])
     inv_l = 1.0 / tl.sum(p, 1)
     p = p * inv_l[:, None]
-    v0 = _load(V + voff[:, None] + d0[None, :] * svd, ok[:, None], d0[None, :] < D, ROW_MASK, MASK_D0)
+    v0 = load(V + voff[:, None] + d0[None, :] * svd, ok[:, None], d0[None, :] < D, ROW_MASK, MASK_D0)
     o0 = tl.dot(p.to(v0.dtype), v0, input_precision=PREC)
-    _store(O + ooff[:, None] + d0[None, :] * sod, o0.to(O.dtype.element_ty), ok[:, None], d0[None, :] < D,
+    store(O + ooff[:, None] + d0[None, :] * sod, o0.to(O.dtype.element_ty), ok[:, None], d0[None, :] < D,
            ROW_MASK, MASK_D0)
     if HAS_D1:
-        v1 = _load(V + voff[:, None] + d1[None, :] * svd, ok[:, None], d1[None, :] < D, ROW_MASK, MASK_D1)
+        v1 = load(V + voff[:, None] + d1[None, :] * svd, ok[:, None], d1[None, :] < D, ROW_MASK, MASK_D1)
         o1 = tl.dot(p.to(v1.dtype), v1, input_precision=PREC)
-        _store(O + ooff[:, None] + d1[None, :] * sod, o1.to(O.dtype.element_ty), ok[:, None], d1[None, :] < D,
+        store(O + ooff[:, None] + d1[None, :] * sod, o1.to(O.dtype.element_ty), ok[:, None], d1[None, :] < D,
                ROW_MASK, MASK_D1)
 
 
@@ -120,14 +120,14 @@ def _temporal_bwd(Q, K, V, DO, DQ, DK, DV,
     goff, _ = _row_offsets(pid, F, NSEQ, H, S, sgb, sgs, sgf, sgh, ROWS, FP)
     d0 = tl.arange(0, D0)
     d1 = D0 + tl.arange(0, D1)
-    q0 = _load(Q + qoff[:, None] + d0[None, :] * sqd, ok[:, None], d0[None, :] < D, ROW_MASK, MASK_D0)
-    do0 = _load(DO + dooff[:, None] + d0[None, :] * sdod, ok[:, None], d0[None, :] < D, ROW_MASK, MASK_D0)
-    v0t = _load(V + voff[None, :] + d0[:, None] * svd, d0[:, None] < D, ok[None, :], MASK_D0, ROW_MASK)
+    q0 = load(Q + qoff[:, None] + d0[None, :] * sqd, ok[:, None], d0[None, :] < D, ROW_MASK, MASK_D0)
+    do0 = load(DO + dooff[:, None] + d0[None, :] * sdod, ok[:, None], d0[None, :] < D, ROW_MASK, MASK_D0)
+    v0t = load(V + voff[None, :] + d0[:, None] * svd, d0[:, None] < D, ok[None, :], MASK_D0, ROW_MASK)
     q1 = q0
     if HAS_D1:   # (loaded after the first pieces: this order keeps sm_90 register use lowest)
-        q1 = _load(Q + qoff[:, None] + d1[None, :] * sqd, ok[:, None], d1[None, :] < D, ROW_MASK, MASK_D1)
-        do1 = _load(DO + dooff[:, None] + d1[None, :] * sdod, ok[:, None], d1[None, :] < D, ROW_MASK, MASK_D1)
-        v1t = _load(V + voff[None, :] + d1[:, None] * svd, d1[:, None] < D, ok[None, :], MASK_D1, ROW_MASK)
+        q1 = load(Q + qoff[:, None] + d1[None, :] * sqd, ok[:, None], d1[None, :] < D, ROW_MASK, MASK_D1)
+        do1 = load(DO + dooff[:, None] + d1[None, :] * sdod, ok[:, None], d1[None, :] < D, ROW_MASK, MASK_D1)
+        v1t = load(V + voff[None, :] + d1[:, None] * svd, d1[:, None] < D, ok[None, :], MASK_D1, ROW_MASK)
     s, k0t, k1t = _scores(q0, q1, K, koff, ok, d0, d1, D, F, skd, qk_scale,
                           HAS_D1, MASK_D0, MASK_D1, ROW_MASK, ROWS, FP, PREC)
     m = tl.max(s, 1)
@@ -141,22 +141,22 @@ def _temporal_bwd(Q, K, V, DO, DQ, DK, DV,
     pt = tl.trans(p.to(do0.dtype))
     ds = ds.to(q0.dtype)
     ok2 = ok[:, None]
-    _store(DQ + goff[:, None] + d0[None, :] * sgd,
+    store(DQ + goff[:, None] + d0[None, :] * sgd,
            (tl.dot(ds, tl.trans(k0t), input_precision=PREC) * sm_scale).to(DQ.dtype.element_ty),
            ok2, d0[None, :] < D, ROW_MASK, MASK_D0)
-    _store(DK + goff[:, None] + d0[None, :] * sgd,
+    store(DK + goff[:, None] + d0[None, :] * sgd,
            (tl.dot(dst, q0, input_precision=PREC) * sm_scale).to(DK.dtype.element_ty),
            ok2, d0[None, :] < D, ROW_MASK, MASK_D0)
-    _store(DV + goff[:, None] + d0[None, :] * sgd, tl.dot(pt, do0, input_precision=PREC).to(DV.dtype.element_ty),
+    store(DV + goff[:, None] + d0[None, :] * sgd, tl.dot(pt, do0, input_precision=PREC).to(DV.dtype.element_ty),
            ok2, d0[None, :] < D, ROW_MASK, MASK_D0)
     if HAS_D1:
-        _store(DQ + goff[:, None] + d1[None, :] * sgd,
+        store(DQ + goff[:, None] + d1[None, :] * sgd,
                (tl.dot(ds, tl.trans(k1t), input_precision=PREC) * sm_scale).to(DQ.dtype.element_ty),
                ok2, d1[None, :] < D, ROW_MASK, MASK_D1)
-        _store(DK + goff[:, None] + d1[None, :] * sgd,
+        store(DK + goff[:, None] + d1[None, :] * sgd,
                (tl.dot(dst, q1, input_precision=PREC) * sm_scale).to(DK.dtype.element_ty),
                ok2, d1[None, :] < D, ROW_MASK, MASK_D1)
-        _store(DV + goff[:, None] + d1[None, :] * sgd, tl.dot(pt, do1, input_precision=PREC).to(DV.dtype.element_ty),
+        store(DV + goff[:, None] + d1[None, :] * sgd, tl.dot(pt, do1, input_precision=PREC).to(DV.dtype.element_ty),
                ok2, d1[None, :] < D, ROW_MASK, MASK_D1)
 
 
@@ -299,7 +299,3 @@ def compile_variants(full=False):
             out.append(Variant(f"{kernel.__name__} {tag}", kernel, sig, c, warps, stages,
                                expect_mma=dt != torch.float32))
     return out
-
-
-from . import _callable_module  # noqa: E402  (kernels.temporal_attention stays callable once this file is imported)
-_callable_module(__name__)

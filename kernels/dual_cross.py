@@ -4,18 +4,18 @@
         q_t, q_i (B, Lq, H, D); k_t, v_t (B, Lt, H, D) text tokens; k_i, v_i (B, Li, H, D) image-prior
         tokens; o (B, Lq, H, D) contiguous.
 
-Two softmaxes (DESIGN.md §6: not one softmax over the concatenated tokens), computed by the same
+Two softmaxes (docs/ARCHITECTURE.md, "Conditions": not one softmax over the concatenated tokens), computed by the same
 program one after the other on the query tile it holds, summed in registers and written once.
 When q_i is q_t (or views the same memory with the same strides) Q is read once.
 
 Supported: CUDA (or CPU under TRITON_INTERPRET=1); fp32 / fp16 / bf16; any Lq; any context
 lengths >= 1 (designed for text 1..154 and image 1..256: a context fits one or two key blocks);
-1 <= D <= 256 split as in kernels/attention.py; any strides; any B*H (1-D grid).
+1 <= D <= 256 split as in kernels/_common.py; any strides; any B*H (1-D grid).
 
 Backward: `_dual_bwd_dq` (one program per query block and both branches: per branch, a first pass
 over the keys gives delta = rowsum(P * dP) (= rowsum(dO * O_branch), which the forward never
-materialised), a second gives dQ; one dQ write when q_i is q_t), then kernels/attention.py's
-`_attn_bwd_dkdv` once per branch for dK, dV. No atomics: deterministic.
+materialised), a second gives dQ; one dQ write when q_i is q_t), then kernels/_common.py's
+`attn_bwd_dkdv` once per branch for dK, dV. No atomics: deterministic.
 
 Caveats: block sizes are heuristics (no GPU to tune on); fp32 uses IEEE dots.
 """
@@ -27,9 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import (BWD_CANDIDATES, DTYPES, FWD_CANDIDATES, LOG2E, _attn_bwd_dkdv, _branch_fwd, _bucket,
-                        _dq_loop, _head_block, _load_rows, _p_dp_tile, _store_rows, bwd_blocks, bwd_config,
-                        check_qkv, empty, fwd_config, head_flags, precision, tuned_config)
+from ._common import (BWD_CANDIDATES, DTYPES, FWD_CANDIDATES, LOG2E, attn_bwd_dkdv, branch_fwd, bucket, bwd_blocks,
+                      bwd_config, check_qkv, dq_loop, empty, fwd_config, head_block, head_flags, load_rows, p_dp_tile,
+                      precision, store_rows, tuned_config)
+from .tuning import pow2_bucket
 
 
 @triton.jit
@@ -42,23 +43,23 @@ def _dual_fwd(QT, KT, VT, QI, KI, VI, O, LSE,
               D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, MASK_D0: tl.constexpr,
               MASK_D1: tl.constexpr, EVEN_M: tl.constexpr, EVEN_NT: tl.constexpr, EVEN_NI: tl.constexpr,
               SHARED_Q: tl.constexpr, PREC: tl.constexpr):
-    bh, mb, b, h = _head_block(tl.program_id(0), m_blocks, H)
+    bh, mb, b, h = head_block(tl.program_id(0), m_blocks, H)
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < Lq
-    q0, q1 = _load_rows(QT + b * sqtb + h * sqth, offs_m * sqtl, m_ok, sqtd,
+    q0, q1 = load_rows(QT + b * sqtb + h * sqth, offs_m * sqtl, m_ok, sqtd,
                         D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_M)
-    t0, t1, m_t, l_t = _branch_fwd(q0, q1, KT + b * sktb + h * skth, VT + b * svtb + h * svth,
+    t0, t1, m_t, l_t = branch_fwd(q0, q1, KT + b * sktb + h * skth, VT + b * svtb + h * svth,
                                    sktl, sktd, svtl, svtd, Lt, D, qk_scale, BLOCK_M, BLOCK_NT,
                                    D0, D1, HAS_D1, MASK_D0, MASK_D1, EVEN_NT, PREC)
     if not SHARED_Q:
-        q0, q1 = _load_rows(QI + b * sqib + h * sqih, offs_m * sqil, m_ok, sqid,
+        q0, q1 = load_rows(QI + b * sqib + h * sqih, offs_m * sqil, m_ok, sqid,
                             D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_M)
-    i0, i1, m_im, l_im = _branch_fwd(q0, q1, KI + b * skib + h * skih, VI + b * svib + h * svih,
+    i0, i1, m_im, l_im = branch_fwd(q0, q1, KI + b * skib + h * skih, VI + b * svib + h * svih,
                                      skil, skid, svil, svid, Li, D, qk_scale, BLOCK_M, BLOCK_NI,
                                      D0, D1, HAS_D1, MASK_D0, MASK_D1, EVEN_NI, PREC)
     inv_t = 1.0 / l_t
     inv_i = 1.0 / l_im
-    _store_rows(O + b * sob + h * soh, offs_m * sol, m_ok, sod,
+    store_rows(O + b * sob + h * soh, offs_m * sol, m_ok, sod,
                 t0 * inv_t[:, None] + i0 * inv_i[:, None], t1 * inv_t[:, None] + i1 * inv_i[:, None],
                 D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_M)
     row = bh.to(tl.int64) * Lq + offs_m
@@ -81,10 +82,10 @@ def _branch_dq(q0, q1, do0, do1, K, V, skl, skd, svl, svd, Lk, D, qk_scale, lse,
     offs_n = tl.arange(0, BLOCK_N)
     delta = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(0, Lk, BLOCK_N):   # pass 1: delta
-        p, dp, _k0t, _k1t = _p_dp_tile(q0, q1, do0, do1, K, V, skl, skd, svl, svd, start_n + offs_n, Lk, D,
+        p, dp, _k0t, _k1t = p_dp_tile(q0, q1, do0, do1, K, V, skl, skd, svl, svd, start_n + offs_n, Lk, D,
                                        qk_scale, lse, D0, D1, HAS_D1, MASK_D0, MASK_D1, EVEN_N, PREC)
         delta += tl.sum(p * dp, 1)
-    dq0, dq1 = _dq_loop(q0, q1, do0, do1, K, V, skl, skd, svl, svd, Lk, D, qk_scale, lse, delta,   # pass 2
+    dq0, dq1 = dq_loop(q0, q1, do0, do1, K, V, skl, skd, svl, svd, Lk, D, qk_scale, lse, delta,   # pass 2
                         BLOCK_M, BLOCK_N, D0, D1, HAS_D1, MASK_D0, MASK_D1, EVEN_N, PREC)
     return dq0, dq1, delta
 
@@ -100,7 +101,7 @@ def _dual_bwd_dq(QT, KT, VT, QI, KI, VI, DO, DQT, DQI, LSE, DELTA,
                  MASK_D1: tl.constexpr, EVEN_M: tl.constexpr, EVEN_NT: tl.constexpr, EVEN_NI: tl.constexpr,
                  SHARED_Q: tl.constexpr, SUM_DQ: tl.constexpr, PREC: tl.constexpr):
     """dQ of both branches (summed into DQT when SUM_DQ) and both deltas. DQT, DQI share strides sg*."""
-    bh, mb, b, h = _head_block(tl.program_id(0), m_blocks, H)
+    bh, mb, b, h = head_block(tl.program_id(0), m_blocks, H)
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < Lq
     row = bh.to(tl.int64) * Lq + offs_m
@@ -111,15 +112,15 @@ def _dual_bwd_dq(QT, KT, VT, QI, KI, VI, DO, DQT, DQI, LSE, DELTA,
         lse_t = tl.load(LSE + row, mask=offs_m < Lq, other=0.0)
         lse_i = tl.load(LSE + lse_branch_stride + row, mask=offs_m < Lq, other=0.0)
 
-    do0, do1 = _load_rows(DO + b * sdob + h * sdoh, offs_m * sdol, m_ok, sdod,
+    do0, do1 = load_rows(DO + b * sdob + h * sdoh, offs_m * sdol, m_ok, sdod,
                           D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_M)
-    q0, q1 = _load_rows(QT + b * sqtb + h * sqth, offs_m * sqtl, m_ok, sqtd,
+    q0, q1 = load_rows(QT + b * sqtb + h * sqth, offs_m * sqtl, m_ok, sqtd,
                         D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_M)
     t0, t1, delta_t = _branch_dq(q0, q1, do0, do1, KT + b * sktb + h * skth, VT + b * svtb + h * svth,
                                  sktl, sktd, svtl, svtd, Lt, D, qk_scale, lse_t, BLOCK_M, BLOCK_NT,
                                  D0, D1, HAS_D1, MASK_D0, MASK_D1, EVEN_NT, PREC)
     if not SHARED_Q:
-        q0, q1 = _load_rows(QI + b * sqib + h * sqih, offs_m * sqil, m_ok, sqid,
+        q0, q1 = load_rows(QI + b * sqib + h * sqih, offs_m * sqil, m_ok, sqid,
                             D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_M)
     i0, i1, delta_i = _branch_dq(q0, q1, do0, do1, KI + b * skib + h * skih, VI + b * svib + h * svih,
                                  skil, skid, svil, svid, Li, D, qk_scale, lse_i, BLOCK_M, BLOCK_NI,
@@ -133,12 +134,12 @@ def _dual_bwd_dq(QT, KT, VT, QI, KI, VI, DO, DQT, DQI, LSE, DELTA,
 
     g = b * sgb + h * sgh
     if SUM_DQ:
-        _store_rows(DQT + g, offs_m * sgl, m_ok, sgd, (t0 + i0) * sm_scale, (t1 + i1) * sm_scale,
+        store_rows(DQT + g, offs_m * sgl, m_ok, sgd, (t0 + i0) * sm_scale, (t1 + i1) * sm_scale,
                     D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_M)
     else:
-        _store_rows(DQT + g, offs_m * sgl, m_ok, sgd, t0 * sm_scale, t1 * sm_scale,
+        store_rows(DQT + g, offs_m * sgl, m_ok, sgd, t0 * sm_scale, t1 * sm_scale,
                     D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_M)
-        _store_rows(DQI + g, offs_m * sgl, m_ok, sgd, i0 * sm_scale, i1 * sm_scale,
+        store_rows(DQI + g, offs_m * sgl, m_ok, sgd, i0 * sm_scale, i1 * sm_scale,
                     D, D0, D1, HAS_D1, MASK_D0, MASK_D1, not EVEN_M)
 
 
@@ -198,7 +199,7 @@ def dual_bwd(q_t, k_t, v_t, q_i, k_i, v_i, lse, do, scale, sum_dq, config=None):
         bn = kv_bn   # even for 16 tokens: masked, but wgmma-sized and spill-free
         dk, dv = empty(k.shape, k), empty(v.shape, v)
         n_blocks = triton.cdiv(Lk, bn)
-        _attn_bwd_dkdv[(B * H * n_blocks,)](
+        attn_bwd_dkdv[(B * H * n_blocks,)](
             q, k, v, do, dk, dv, lse[branch], delta[branch], *q.stride(), *k.stride(), *v.stride(),
             *do.stride(), *dk.stride(), *dv.stride(), H, Lq, Lk, D, scale, scale * LOG2E, n_blocks,
             BLOCK_M=kv_bm, BLOCK_N=bn, **head_flags(D), EVEN_M=Lq % kv_bm == 0, EVEN_N=Lk % bn == 0,
@@ -210,8 +211,8 @@ def dual_bwd(q_t, k_t, v_t, q_i, k_i, v_i, lse, do, scale, sum_dq, config=None):
 class _DualCrossAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_t, k_t, v_t, q_i, k_i, v_i, scale, sum_dq, fwd_cfg, bwd_cfg):
-        key = _shape_key(q_t, k_t, k_i)
-        fwd_cfg = fwd_cfg or tuned_config("dual.fwd", q_t.shape[-1], q_t.dtype, key, FWD_CANDIDATES,
+        fwd_cfg = fwd_cfg or tuned_config("dual.fwd", q_t.shape[-1], q_t.dtype, lambda: _shape_key(q_t, k_t, k_i),
+                                          FWD_CANDIDATES,
                                           lambda c: dual_fwd(q_t, k_t, v_t, q_i, k_i, v_i, scale, c), q_t.is_cuda)
         o, lse = dual_fwd(q_t, k_t, v_t, q_i, k_i, v_i, scale, fwd_cfg)
         ctx.save_for_backward(q_t, k_t, v_t, q_i, k_i, v_i, lse)
@@ -222,7 +223,7 @@ class _DualCrossAttention(torch.autograd.Function):
     def backward(ctx, do):
         q_t, k_t, v_t, q_i, k_i, v_i, lse = ctx.saved_tensors
         bwd_cfg = ctx.bwd_cfg or tuned_config(
-            "dual.bwd", q_t.shape[-1], q_t.dtype, _shape_key(q_t, k_t, k_i), BWD_CANDIDATES,
+            "dual.bwd", q_t.shape[-1], q_t.dtype, lambda: _shape_key(q_t, k_t, k_i), BWD_CANDIDATES,
             lambda c: dual_bwd(q_t, k_t, v_t, q_i, k_i, v_i, lse, do, ctx.scale, ctx.sum_dq, c), q_t.is_cuda)
         dq_t, dq_i, dk_t, dv_t, dk_i, dv_i = dual_bwd(q_t, k_t, v_t, q_i, k_i, v_i, lse, do, ctx.scale,
                                                       ctx.sum_dq, bwd_cfg)
@@ -230,7 +231,6 @@ class _DualCrossAttention(torch.autograd.Function):
 
 
 def _shape_key(q_t, k_t, k_i) -> tuple:
-    from .tuning import pow2_bucket
     return (pow2_bucket(q_t.shape[1]), pow2_bucket(k_t.shape[1]), pow2_bucket(k_i.shape[1]),
             pow2_bucket(q_t.shape[0] * q_t.shape[2]))
 
@@ -308,10 +308,10 @@ def compile_variants(full=False):
     else:  # SD1.5 head dims, the UNet's contexts (77 text; 16 / 64 / 256 image), shared and separate Q
         cases = [(40, bf, 77, 16, True), (80, bf, 77, 64, False), (160, bf, 154, 256, True),
                  (40, f32, 77, 16, False)]
-    # every autotuning candidate that is not a default (kernels/attention.py's lists): forward and dQ
+    # every autotuning candidate that is not a default (kernels/_common.py's lists): forward and dQ
     shapes = ((40, 77, 16, True), (80, 77, 64, False), (160, 154, 256, True))
-    tune = [(D, bf, lt, li, sh, f, None) for D, lt, li, sh in shapes for f in FWD_CANDIDATES[_bucket(D)][1:]]
-    tune += [(D, bf, lt, li, sh, None, b) for D, lt, li, sh in shapes for b in BWD_CANDIDATES[_bucket(D)][1:]]
+    tune = [(D, bf, lt, li, sh, f, None) for D, lt, li, sh in shapes for f in FWD_CANDIDATES[bucket(D)][1:]]
+    tune += [(D, bf, lt, li, sh, None, b) for D, lt, li, sh in shapes for b in BWD_CANDIDATES[bucket(D)][1:]]
     unit = ("sqtd", "sktd", "svtd", "sqid", "skid", "svid", "sod", "sdod", "sgd")
     for D, dt, lt, li, shared, fcfg, bcfg in tune:
         out += _tuning_variants(D, dt, lt, li, shared, fcfg, bcfg, f"D={D} bfloat16 Lt={lt} Li={li} SHARED_Q={shared}",
@@ -320,19 +320,15 @@ def compile_variants(full=False):
         tag = f"D={D} {str(dt)[6:]} Lt={lt} Li={li} SHARED_Q={shared}"
         out += _tuning_variants(D, dt, lt, li, shared, fwd_config(D, dt), bwd_config(D, dt), tag, unit)
         _, (kv_bm, kv_bn), warps, stages = bwd_blocks(bwd_config(D, dt))
-        bn = kv_bn   # the dK/dV kernel of kernels/attention.py, once per EVEN_N value the contexts need
+        bn = kv_bn   # the dK/dV kernel of kernels/_common.py, once per EVEN_N value the contexts need
         for L in sorted({lt, li}, key=lambda L: L % bn == 0):
             if L == li and lt != li and (lt % bn == 0) == (li % bn == 0):
                 continue
             c = dict(BLOCK_M=kv_bm, BLOCK_N=bn, **head_flags(D), EVEN_M=False, EVEN_N=L % bn == 0,
                      PREC=precision(dt), **{n: 1 for n in ("sqd", "skd", "svd", "sdod", "sdkd", "sdvd")})
             ptrs = {n: ptr(dt) for n in ("Q", "K", "V", "DO", "DK", "DV")}
-            sig = make_signature(_attn_bwd_dkdv, dict(ptrs, LSE="*fp32", DELTA="*fp32"),
+            sig = make_signature(attn_bwd_dkdv, dict(ptrs, LSE="*fp32", DELTA="*fp32"),
                                  floats=("qk_scale", "sm_scale"), constexprs=c)
-            out.append(Variant(f"_attn_bwd_dkdv (dual) D={D} {str(dt)[6:]} L={L} BM={kv_bm} BN={bn}",
-                               _attn_bwd_dkdv, sig, c, warps, stages, expect_mma=dt != f32))
+            out.append(Variant(f"attn_bwd_dkdv (dual) D={D} {str(dt)[6:]} L={L} BM={kv_bm} BN={bn}",
+                               attn_bwd_dkdv, sig, c, warps, stages, expect_mma=dt != f32))
     return out
-
-
-from . import _callable_module  # noqa: E402  (kernels.dual_cross_attention stays callable once this file is imported)
-_callable_module(__name__)

@@ -1,4 +1,4 @@
-"""kernels/attention.py: spatial flash attention, forward and all gradients, against float64.
+"""kernels/spatial.py: spatial flash attention, forward and all gradients, against float64.
 
 CPU: runs in Triton's interpreter (TRITON_INTERPRET=1 is set by test_kernels_common before Triton
 is imported); CUDA: the same sweeps on the GPU, plus a comparison with SDPA.
@@ -15,7 +15,7 @@ def _runnable():
 
 
 def run_case(B, Lq, Lk, H, D, dtype, cfg=None, layout="contiguous", scale=None, seed=0):
-    from kernels.attention import attention, attention_ref
+    from kernels.spatial import attention, attention_ref
     g = torch.Generator().manual_seed(seed)
     if layout == "contiguous":
         q, k, v = rand(B, Lq, H, D, dtype=dtype, gen=g), rand(B, Lk, H, D, dtype=dtype, gen=g), rand(B, Lk, H, D, dtype=dtype, gen=g)
@@ -80,7 +80,7 @@ def test_large_logits_stay_finite():
 
 
 def test_deterministic():
-    from kernels.attention import attention
+    from kernels.spatial import attention
     g = torch.Generator().manual_seed(1)
     q, k, v = (rand(2, 29, 2, 40, dtype=torch.bfloat16, gen=g) for _ in range(3))
     do = rand(2, 29, 2, 40, dtype=torch.bfloat16, gen=g)
@@ -95,7 +95,7 @@ def test_deterministic():
 
 
 def test_launcher_checks():
-    from kernels.attention import attention
+    from kernels.spatial import attention
     x = rand(1, 4, 1, 16)
     with pytest.raises(ValueError):
         attention(x, x, x.double())
@@ -106,7 +106,7 @@ def test_launcher_checks():
 
 
 def test_split_head_dim():
-    from kernels.attention import split_head_dim
+    from kernels._common import split_head_dim
     assert split_head_dim(40) == (32, 16)   # 48 paid, not 64
     assert split_head_dim(80) == (64, 16)   # exact
     assert split_head_dim(160) == (128, 32)  # exact, not 256
@@ -121,7 +121,7 @@ def test_split_head_dim():
 @pytest.mark.parametrize("D,L", [(40, 1024), (80, 256), (160, 64), (64, 333)])
 def test_matches_sdpa_on_gpu(D, L):
     import torch.nn.functional as F
-    from kernels.attention import attention
+    from kernels.spatial import attention
     q, k, v = (rand(4, L, 8, D, dtype=torch.bfloat16) for _ in range(3))
     o = attention(q, k, v)
     ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
