@@ -6,26 +6,22 @@
     ResBlock                          in_layers / emb_layers / out_layers / skip_connection
     Downsample, Upsample              `op` (stride-2 conv) and `conv` (nearest x2 then conv)
     checkpoint(fn, *args, enabled)    torch.utils.checkpoint (use_reentrant=False) when enabled
-    MEMORY_FORMAT, as_layout(x)       the one memory layout of the UNet's and the VAE's activations and
-                                      conv weights, and the deliberate conversion to it
+    MEMORY_FORMAT, as_layout(x),      the one memory layout of the UNet's and the VAE's activations and
+    layout_weights(module)            conv weights; the deliberate conversions to it
 
 Memory format (docs/ARCHITECTURE.md §Tensors): one layout for every conv input and conv weight of the
 UNet and the VAE, NCHW (torch.contiguous_format). A conv that meets a channels-last input with NCHW
 weights re-lays its weights on every call (an aten::copy_ inside aten::_convolution, 1280x2560x3x3 at
 SD1.5's widest); a conv whose input and weight agree copies nothing. Layout changes happen only where
 a module turns pixels into tokens and back (SpatialTransformer, the VAE's AttnBlock), and there they
-go through as_layout on purpose; tests/test_unet.py checks that a forward makes no weight copies.
+go through as_layout on purpose; tests/test_memory_format.py checks that a forward makes no weight copies.
 Why NCHW: on the CPU (fp32, oneDNN) channels-last end to end was not measurably faster for the sd15
-UNet (forward 1.03x in process CPU time, within the noise of a loaded machine), and NCHW is what
-checkpoints, safetensors, FSDP shards and the diffusers reference hold, so no conversion is needed
-anywhere. On a GPU in bf16, channels-last convs are usually faster (cuDNN's tensor-core kernels work
-in NHWC and NCHW inputs are transposed around them); that has not been measured here. To try it,
-set MEMORY_FORMAT = torch.channels_last: UNet and AutoencoderKL convert their weights once at
-construction and their inputs on entry, and the token reshapes become free views.
-
-GroupNorm+SiLU pairs run as one call of heartbeat.attention.group_norm(..., silu=True), which the
-fused Triton kernel serves on CUDA; the SiLU slot of SD's Sequential is then an nn.Identity, so the
-parameter names (`in_layers.0.weight`, `in_layers.2.weight`, `out_layers.3.weight`) stay SD's.
+UNet (the measurement: docs/ARCHITECTURE.md §Tensors), and NCHW is what checkpoints, safetensors,
+FSDP shards and the diffusers reference hold, so nothing is converted anywhere. On a GPU in bf16,
+channels-last convs are usually faster (cuDNN's tensor-core kernels work in NHWC and transpose NCHW
+around them); that is expected, not measured here (`tools/bench_e2e.py --memory_format=channels_last`
+measures it). To switch, set MEMORY_FORMAT = torch.channels_last: UNet and AutoencoderKL convert their
+weights once at construction and their inputs on entry, and the token reshapes become free views.
 """
 from __future__ import annotations
 
@@ -44,6 +40,11 @@ MEMORY_FORMAT = torch.contiguous_format  # the policy above; torch.channels_last
 def as_layout(x: torch.Tensor) -> torch.Tensor:
     """x (N, C, H, W) in MEMORY_FORMAT: a no-op when it already is, else one copy made on purpose."""
     return x.contiguous(memory_format=MEMORY_FORMAT)
+
+
+def layout_weights(module: nn.Module) -> nn.Module:
+    """Every 4-d parameter and buffer of `module` in MEMORY_FORMAT, in place, once (a no-op under NCHW)."""
+    return module.to(memory_format=MEMORY_FORMAT)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import DualCrossAttention, SelfAttention, TemporalAttention
-from .nn import (MEMORY_FORMAT, Downsample, GroupNorm32, ResBlock, Upsample, as_layout, checkpoint,
+from .nn import (Downsample, GroupNorm32, ResBlock, Upsample, as_layout, checkpoint, layout_weights,
                  timestep_embedding, zero_module)
 
 
@@ -201,7 +201,7 @@ class UNet(nn.Module):
         self.downsamples = len(chs) - 1
         if cfg.temporal:
             self.inflate()
-        self.to(memory_format=MEMORY_FORMAT)  # conv weights in the one layout, once (heartbeat/nn.py)
+        layout_weights(self)  # conv weights in the one layout, once (heartbeat/nn.py)
 
     # ----------------------------------------------------------------------------- video
 
@@ -283,7 +283,7 @@ class UNet(nn.Module):
         m = 2 ** self.downsamples
         if h % m or w % m:
             raise ValueError(f"z_t spatial size {h}x{w} must be divisible by {m} (2 ** downsampling levels)")
-        x = as_layout(z_t.reshape(B * Fr, C, h, w))  # frames become batch
+        x = z_t.reshape(B * Fr, C, h, w)  # frames become batch
         t = torch.as_tensor(t, device=z_t.device)
         if t.ndim == 0:
             t = t.expand(B)
@@ -295,6 +295,7 @@ class UNet(nn.Module):
             x = torch.cat([x, self._local(local, B, Fr, h, w, x)], dim=1)  # (B*F, C + local_channels, h, w)
         elif local is not None:
             raise ValueError("local was given but the UNet has local_channels=0")
+        x = as_layout(x)  # the one layout from here on (heartbeat/nn.py MEMORY_FORMAT)
 
         emb = timestep_embedding(t, cfg.unet_channels[0]).to(self.time_embed[0].weight.dtype)
         emb = self.time_embed(emb)  # (B, 4 c0)

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention, group_norm
-from .nn import MEMORY_FORMAT, as_layout
+from .nn import as_layout, layout_weights
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -221,7 +221,7 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(chs, cfg.vae_layers, cfg.in_channels, zch, cfg.vae_norm_groups, backend)
         self.quant_conv = nn.Conv2d(2 * zch, 2 * zch, 1)
         self.post_quant_conv = nn.Conv2d(zch, zch, 1)
-        self.to(memory_format=MEMORY_FORMAT)  # conv weights in the one layout, once (heartbeat/nn.py)
+        layout_weights(self)  # conv weights in the one layout, once (heartbeat/nn.py)
 
     def _check(self, x, channels, what):
         if x.ndim != 4 or x.shape[1] != channels:

@@ -1,13 +1,15 @@
 """The memory-format policy (heartbeat/nn.py MEMORY_FORMAT, docs/ARCHITECTURE.md §Tensors): in a forward
 of the UNet and of the VAE every conv meets an input and a weight in the one layout, so no conv
 re-lays its weights per call (an aten::copy_ inside aten::_convolution, as when SpatialTransformer
-handed proj_out a channels-last view and the layout spread through the residual adds)."""
+handed proj_out a channels-last view and the layout spread through the residual adds). The other
+policy (channels-last) holds the same invariant and gives the same outputs."""
+import pytest
 import torch
 import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile
 
 from heartbeat.config import get_config
-from heartbeat.nn import MEMORY_FORMAT
+import heartbeat.nn
 from heartbeat.unet import UNet
 from heartbeat.vae import AutoencoderKL
 
@@ -22,11 +24,11 @@ def conv_layouts(model, fn):
         def hook(mod, args):
             seen.append(name)
             x = args[0]
-            if not (x.is_contiguous(memory_format=MEMORY_FORMAT)
-                    and mod.weight.is_contiguous(memory_format=MEMORY_FORMAT)):
+            if not (x.is_contiguous(memory_format=fmt) and mod.weight.is_contiguous(memory_format=fmt)):
                 off.append(f"{name} input strides {x.stride()} shape {tuple(x.shape)}")
         return hook
 
+    fmt = heartbeat.nn.MEMORY_FORMAT
     handles = [m.register_forward_pre_hook(check(n)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     try:
         with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -50,17 +52,30 @@ def _tiny_unet():
                      context_dim=32, text_tokens=8, attn_backend="sdpa").items():
         setattr(cfg, k, v)
     torch.manual_seed(0)
-    return cfg, UNet(cfg).eval()
+    unet = UNet(cfg).eval()
+    with torch.no_grad():  # wake the zero-inits (proj_out, out.2): a real output to compare
+        for p in unet.parameters():
+            if p.abs().max() == 0:
+                p.normal_(0, 0.05)
+    return cfg, unet
 
 
-def test_unet_forward_makes_no_weight_copies():
+@pytest.fixture(params=["nchw", "channels_last"])
+def policy(request, monkeypatch):
+    """Each test under the policy (nchw) and under the alternative the constant may be set to."""
+    if request.param == "channels_last":
+        monkeypatch.setattr(heartbeat.nn, "MEMORY_FORMAT", torch.channels_last)
+    return request.param
+
+
+def test_unet_forward_makes_no_weight_copies(policy):
     cfg, unet = _tiny_unet()
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2, cfg.latent_channels, 8, 8, generator=g)
     text = torch.randn(2, cfg.text_tokens, cfg.context_dim, generator=g)
     off, copies, n = conv_layouts(unet, lambda: unet(z, torch.tensor([10, 700]), text=text))
     assert n > 10  # the hooks saw the convs: the test can fail
-    assert not off, f"convs off the memory format {MEMORY_FORMAT}: " + "; ".join(off[:5])
+    assert not off, f"convs off the memory format {heartbeat.nn.MEMORY_FORMAT}: " + "; ".join(off[:5])
     assert copies == 0, f"{copies} weight copies inside convolutions (re-laid per call)"
     unet.inflate()  # video: frames become batch; the same layout
     zv = torch.randn(1, 3, cfg.latent_channels, 8, 8, generator=g)
@@ -68,12 +83,27 @@ def test_unet_forward_makes_no_weight_copies():
     assert not off and copies == 0, off[:5]
 
 
-def test_vae_forward_makes_no_weight_copies():
+def test_policies_give_the_same_output(monkeypatch):
+    cfg, unet = _tiny_unet()
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, cfg.latent_channels, 8, 8, generator=g)
+    text = torch.randn(2, cfg.text_tokens, cfg.context_dim, generator=g)
+    with torch.no_grad():
+        a = unet(z, torch.tensor([10, 700]), text=text)
+        monkeypatch.setattr(heartbeat.nn, "MEMORY_FORMAT", torch.channels_last)
+        heartbeat.nn.layout_weights(unet)
+        assert unet.input_blocks[1][0].in_layers[2].weight.is_contiguous(memory_format=torch.channels_last)
+        b = unet(z, torch.tensor([10, 700]), text=text)
+    assert a.abs().max() > 1e-2 and b.is_contiguous()
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_vae_forward_makes_no_weight_copies(policy):
     cfg = get_config("tiny").model
     torch.manual_seed(0)
     vae = AutoencoderKL(cfg).eval()
     x = torch.randn(1, cfg.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
     off, copies, n = conv_layouts(vae, lambda: vae(x, sample=False))
     assert n > 10
-    assert not off, f"convs off the memory format {MEMORY_FORMAT}: " + "; ".join(off[:5])
+    assert not off, f"convs off the memory format {heartbeat.nn.MEMORY_FORMAT}: " + "; ".join(off[:5])
     assert copies == 0, f"{copies} weight copies inside convolutions (re-laid per call)"
