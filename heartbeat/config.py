@@ -136,6 +136,9 @@ class TrainConfig:
                                     # once per frame, not every step); false: encode every step
     shard: str = "ddp"              # ddp: every rank holds the model; fsdp: FSDP2 shards weights, gradients and
                                     # optimiser state over the ranks (heartbeat/sharding.py)
+    spatial: str = ""               # distill of a video teacher, AnimateLCM's decoupled way: the spatial UNet weights
+                                    # of this distilled stage-1 student are kept, the temporal layers (and the
+                                    # guidance embedding) learn
     compile: bool = False           # the UNet's forward through torch.compile (nn.Module.compile: names kept)
     force: bool = False
 

@@ -48,8 +48,11 @@ Stage 2 (and cmr): temporal coherence. Step (2) is taken on whole clips by the v
 temporal attention included, and the loss (4) compares whole clips, so the student is distilled from
 the teacher's joint distribution of the frames, never frame by frame; the flow condition stays a
 guided condition like any other. `heartbeat.metrics.warp_error` (tools/eval.py `warp_err`) measures
-what survives. AnimateLCM's decoupled variant (a distilled image student's spatial weights kept,
-only the temporal layers distilled) is not implemented here.
+what survives. AnimateLCM's decoupled distillation (Wang et al. 2024, §3: distil the image model
+first, then keep its spatial weights and distil only the temporal layers from the video teacher) is
+`--spatial=RUN`, RUN a student of the stage-1 teacher (heartbeat.runs.load_spatial_student): the
+video student starts from that student's spatial UNet weights and learns its temporal layers (and
+guidance embedding, whose columns for the video's new conditions start at zero) by (4) on clips.
 """
 from __future__ import annotations
 

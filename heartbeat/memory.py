@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import Config
-from .stages import get_stage
+from .stages import model_stage
 
 GIB = 2 ** 30
 
@@ -96,7 +96,7 @@ def _count(model):
 def _fake_batch(cfg: Config, frames: int) -> dict:
     m = cfg.model
     g = torch.Generator().manual_seed(0)
-    lead = (1, frames) if get_stage(cfg.train.stage).video else (1,)
+    lead = (1, frames) if model_stage(cfg.train.stage, cfg.model).video else (1,)
     S, s = m.image_size, m.latent_size
     b = {"latent": torch.randn(*lead, m.latent_channels, s, s, generator=g), "seed": [0], "text": ["an echo"]}
     if "image" in m.conditions:
@@ -106,7 +106,7 @@ def _fake_batch(cfg: Config, frames: int) -> dict:
     for name in ("sketch", "mv"):
         if name in m.conditions:
             b[name] = (torch.rand(*lead, 1, S, S, generator=g) > 0.9).float()
-    if "flow" in m.conditions and get_stage(cfg.train.stage).video:
+    if "flow" in m.conditions and model_stage(cfg.train.stage, cfg.model).video:
         b["flow"] = torch.randn(*lead, 2, S, S, generator=g)
     return b
 
@@ -148,7 +148,7 @@ def _saved_bytes(model, batch, checkpointing: bool) -> tuple[float, dict]:
 
 
 def memory_plan(cfg: Config) -> Plan:
-    stage = get_stage(cfg.train.stage)
+    stage = model_stage(cfg.train.stage, cfg.model)
     if stage.model != "ldm":
         raise ValueError(f"--plan models the diffusion stages; {stage.name} trains a {stage.model}")
     torch.manual_seed(0)

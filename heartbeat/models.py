@@ -213,6 +213,9 @@ class DistillModel(LatentDiffusion):
 
     def freeze_for_stage(self, stage) -> None:
         super().freeze_for_stage(stage)
+        if self.cfg.train.spatial:        # AnimateLCM: a distilled image student's spatial weights are kept
+            self.set_trainable(self.unet.temporal_parameters()
+                               + [p for n, p in self.unet.named_parameters() if UNet.is_guidance_name(n)])
         self.teacher.requires_grad_(False)
 
     def loss(self, batch):

@@ -261,6 +261,35 @@ def load_vae_weights(path, cfg: Config) -> AutoencoderKL:
     return vae
 
 
+def load_spatial_student(model, cfg: Config, log=print) -> None:
+    """--spatial=RUN (AnimateLCM's decoupled distillation): a video student starts from the spatial
+    UNet weights of a distilled image student (stage distill of a pretrain checkpoint); its guidance
+    embedding's columns of the conditions both know are copied, those of the video's new conditions
+    (flow) start at zero. Only the temporal layers and the guidance embedding then learn."""
+    t, m = cfg.train, cfg.model
+    w_path = ckpt.find_weights(t.spatial)
+    w = ckpt.read_weights(w_path)
+    ckpt.check_compatible(w.meta, t.stage, m.preset, what=f"--spatial={t.spatial}", path=w_path)
+    s = w.config.model
+    if not m.temporal or s.temporal or tuple(m.conditions[:len(s.conditions)]) != tuple(s.conditions):
+        raise TrainError(f"--spatial={t.spatial}: needs a student of a stage-1 (pretrain) teacher whose conditions "
+                         f"({','.join(s.conditions)}) begin those of this video teacher ({','.join(m.conditions)})")
+    state = {k[5:]: v for k, v in w.ema_model_state().items() if k.startswith("unet.") and not UNet.is_temporal_name(k)}
+    own = model.unet.state_dict()
+    c0 = m.unet_channels[0]
+    with torch.no_grad():
+        for k, v in state.items():
+            if k == "guidance_embed.0.weight":
+                own[k].zero_()
+                own[k][:, :v.shape[1]].copy_(v)                  # joint + the shared conditions' columns
+            elif k not in own or own[k].shape != v.shape:
+                raise TrainError(f"--spatial={t.spatial}: its UNet does not fit this model at {k}")
+            else:
+                own[k].copy_(v)
+    assert own["guidance_embed.0.weight"].shape[1] == m.guidance_inputs * c0
+    log(f"spatial weights: {w_path} (a student of a '{s.teacher_stage}' checkpoint); temporal layers learn")
+
+
 def init_model(model, cfg: Config, log=print) -> None:
     """Load the weights the stage starts from (its `init`), before training."""
     t, stage = cfg.train, get_stage(cfg.train.stage)
@@ -300,6 +329,8 @@ def init_model(model, cfg: Config, log=print) -> None:
         model.load_teacher({k[5:]: v for k, v in state.items() if k.startswith("unet.")}, what=f"--init={w_path}")
         if not t.resume:
             model.load_model_state(state, what=f"--init={w_path}", allow_missing=UNet.is_guidance_name)
+            if t.spatial:
+                load_spatial_student(model, cfg, log)
         log(f"teacher: {w_path} ({w.stage}, step {w.meta.get('step')})")
         return
     src = init_source(cfg)

@@ -217,3 +217,22 @@ def test_one_step_student_beats_the_one_step_teacher_on_a_toy():
                                                  g), x_T, steps=1, sampler="ddim", schedule=sched)
     d_student, d_teacher = _energy_distance(stu, real), _energy_distance(tea, real)
     assert d_student < 0.5 * d_teacher, (d_student, d_teacher)
+
+
+def test_stage2_decoupled_from_an_image_student(setup, tmp_path):
+    """--spatial=RUN (AnimateLCM): the video student keeps the image student's spatial weights
+    exactly; only the temporal layers and the guidance embedding learn."""
+    from heartbeat.unet import UNet
+    root, run1 = setup
+    out = tmp_path / "runs"
+    assert train_main(["--stage=distill", f"--init={root / 't2'}", f"--spatial={run1}", f"--data={root / 'echo'}",
+                       f"--out={out}", "--max_steps=1", *RUN]) == 0
+    w2 = ckpt.read_weights(ckpt.find_weights(out / "000-distill-tiny"))
+    w1 = ckpt.read_weights(ckpt.find_weights(run1)).ema_model_state()
+    assert set(w2.ema) == {k for k in w2.model if k.startswith("unet.") and
+                           (UNet.is_temporal_name(k) or UNet.is_guidance_name(k))}
+    spatial = [k for k in w2.model if k.startswith("unet.") and not UNet.is_temporal_name(k)
+               and not UNet.is_guidance_name(k)]
+    assert spatial and all(torch.equal(w2.model[k], w1[k]) for k in spatial)
+    g1, g2 = w1["unet.guidance_embed.0.weight"], w2.model["unet.guidance_embed.0.weight"]
+    assert g2.shape[1] == g1.shape[1] + 32 and not torch.equal(g2[:, :g1.shape[1]], torch.zeros_like(g1))

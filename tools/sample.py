@@ -1,11 +1,14 @@
 """Sample echo frames / clips / CMR volumes from a HeartBeat checkpoint into a synthetic dataset.
 
     torchrun --nproc_per_node=N tools/sample.py --ckpt=RUN_OR_FILE [--data=DIR --split=test] [--num=K]
-        [--seed=S] [--steps=50] [--sampler=ddim|dpmpp2m|ddpm] [--eta=0] [--conditions=text,image,mask]
+        [--seed=S] [--steps=50] [--sampler=ddim|dpmpp2m|ddpm|lcm] [--eta=0] [--conditions=text,image,mask]
         [--guidance=3.0 | --guidance=mask=2,text=1] [--out=DIR] [--frames=F] [--batch=B] [--force]
-        [--mask=DIR_OR_NPY] [--prior=PNG] [--prompt="..."] [--sketch=PNG] [--flow=NPY]
+        [--mask=DIR_OR_NPY] [--prior=PNG] [--prompt="..."] [--sketch=PNG] [--flow=NPY] [--gif=PATH]
         [--anatomy=model --ef=0.35|0.2:0.7 --view=4CH|2CH]
         [--filter_copies --segmenter=FILE [--copy_ref=DIR] [--copy_quantile=1]]
+        [--compile] [--cuda_graph]
+    A distilled student (bash train.sh distill) samples with --sampler=lcm --steps=1..4, one UNet
+    call per step whatever the guidance (one scale or one per condition, within what it learned).
     (also `python tools/sample.py ...` on one process)
 
 Under torchrun write --num_samples=K: torchrun's own parser (torch 2.13) rejects `--num` anywhere on
