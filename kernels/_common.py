@@ -284,9 +284,12 @@ FWD_CANDIDATES = {
     128: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 128, 8, 2)],
     256: [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
 }
+# Backward defaults (kernels/compile_check.py, sm_90): at D <= 64, (128, 32, 8 warps) gives dQ 102 and
+# dK/dV 126 registers, 2 CTAs/SM each, where (64, 64, 8) had dK/dV at 195-203 registers, 1 CTA/SM;
+# at D = 80, (64, 32, 4 warps) gives dQ 4 and dK/dV 2 CTAs/SM (was 2 and 1).
 BWD_CANDIDATES = {
-    64: [(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
-    128: [(64, 64, 8, 2), (64, 32, 4, 2), (128, 64, 8, 1)],
+    64: [(128, 32, 8, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
+    128: [(64, 32, 4, 2), (64, 64, 8, 2), (128, 64, 8, 1)],
     256: [(16, 64, 8, 1), (32, 64, 8, 1)],
 }
 FWD_CONFIGS = {b: c[0] for b, c in FWD_CANDIDATES.items()}

@@ -183,9 +183,10 @@ def tile_rows(F: int) -> int:
 
 
 def launch_config(D: int, dtype):
-    """(num_warps, num_stages) by padded head dim; one pass, so stages only matter for loads."""
+    """(num_warps, num_stages) by padded head dim; one pass, so stages only matter for loads. 4 warps
+    (one warp group: a 64-row tile is exactly one wgmma M) up to D = 80, 8 past it."""
     d0, d1 = head_flags(D)["D0"], head_flags(D)["D1"] if head_flags(D)["HAS_D1"] else 0
-    return (4 if d0 + d1 <= 64 else 8), 1
+    return (4 if d0 + d1 <= 80 else 8), 1
 
 
 def grid_size(nseq: int, F: int) -> int:
