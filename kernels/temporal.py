@@ -93,18 +93,18 @@ def _temporal_fwd(Q, K, V, O,
     d0 = tl.arange(0, D0)
     d1 = D0 + tl.arange(0, D1)
     q0, q1 = load_rows(Q, qoff, ok, sqd, D, D0, D1, HAS_D1, MASK_D0, MASK_D1, ROW_MASK)
+    # V is issued before the scores: its latency overlaps the QK^T dot and the softmax
+    v0, v1 = load_rows(V, voff, ok, svd, D, D0, D1, HAS_D1, MASK_D0, MASK_D1, ROW_MASK)
     s, k0t, k1t = _scores(q0, q1, K, koff, ok, d0, d1, D, F, skd, qk_scale,
                           HAS_D1, MASK_D0, MASK_D1, ROW_MASK, ROWS, FP, PREC)
     m = tl.max(s, 1)
     p = tl.exp2(s - m[:, None])
     inv_l = 1.0 / tl.sum(p, 1)
     p = p * inv_l[:, None]
-    v0 = load(V + voff[:, None] + d0[None, :] * svd, ok[:, None], d0[None, :] < D, ROW_MASK, MASK_D0)
     o0 = tl.dot(p.to(v0.dtype), v0, input_precision=PREC)
     store(O + ooff[:, None] + d0[None, :] * sod, o0.to(O.dtype.element_ty), ok[:, None], d0[None, :] < D,
            ROW_MASK, MASK_D0)
     if HAS_D1:
-        v1 = load(V + voff[:, None] + d1[None, :] * svd, ok[:, None], d1[None, :] < D, ROW_MASK, MASK_D1)
         o1 = tl.dot(p.to(v1.dtype), v1, input_precision=PREC)
         store(O + ooff[:, None] + d1[None, :] * sod, o1.to(O.dtype.element_ty), ok[:, None], d1[None, :] < D,
                ROW_MASK, MASK_D1)
