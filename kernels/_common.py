@@ -181,12 +181,20 @@ def dq_loop(q0, q1, do0, do1, K, V, skl, skd, svl, svd, Lk, D, qk_scale, lse, de
 def attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
                    sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd,
                    sdob, sdol, sdoh, sdod, sdkb, sdkl, sdkh, sdkd, sdvb, sdvl, sdvh, sdvd,
-                   H, Lq, Lk, D, sm_scale, qk_scale, n_blocks,
+                   H, Lq, Lk, D: tl.constexpr, sm_scale, qk_scale, n_blocks,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                    HAS_D1: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr,
-                   EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr):
+                   EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
+                  UNIT: tl.constexpr):
     """One program per (b, h, key block), looping over query blocks: dK and dV (transposed math:
     S^T = K Q^T so that P^T, dP^T come out in the layout the dots want)."""
+    # UNIT = 8 when the launcher proved every non-head-dim stride a multiple of 8 (strides come
+    # divided by it): the offsets are then known multiples of 8 elements, so loads vectorise.
+    sqb, sql, sqh, skb = sqb * UNIT, sql * UNIT, sqh * UNIT, skb * UNIT
+    skl, skh, svb, svl = skl * UNIT, skh * UNIT, svb * UNIT, svl * UNIT
+    svh, sdob, sdol, sdoh = svh * UNIT, sdob * UNIT, sdol * UNIT, sdoh * UNIT
+    sdkb, sdkl, sdkh, sdvb = sdkb * UNIT, sdkl * UNIT, sdkh * UNIT, sdvb * UNIT
+    sdvl, sdvh = sdvl * UNIT, sdvh * UNIT
     bh, nb, b, h = head_block(tl.program_id(0), n_blocks, H)
     Q += b * sqb + h * sqh
     DO += b * sdob + h * sdoh
@@ -276,9 +284,12 @@ FWD_CANDIDATES = {
     128: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 128, 8, 2)],
     256: [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
 }
+# Backward defaults (kernels/compile_check.py, sm_90): at D <= 64, (128, 32, 8 warps) gives dQ 102 and
+# dK/dV 126 registers, 2 CTAs/SM each, where (64, 64, 8) had dK/dV at 195-203 registers, 1 CTA/SM;
+# at D = 80, (64, 32, 4 warps) gives dQ 4 and dK/dV 2 CTAs/SM (was 2 and 1).
 BWD_CANDIDATES = {
-    64: [(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
-    128: [(64, 64, 8, 2), (64, 32, 4, 2), (128, 64, 8, 1)],
+    64: [(128, 32, 8, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
+    128: [(64, 32, 4, 2), (64, 64, 8, 2), (128, 64, 8, 1)],
     256: [(16, 64, 8, 1), (32, 64, 8, 1)],
 }
 FWD_CONFIGS = {b: c[0] for b, c in FWD_CANDIDATES.items()}
@@ -354,6 +365,25 @@ def check_qkv(q, k, v, name="attention"):
     if Lq < 1 or k.shape[1] < 1 or B < 1 or H < 1:
         raise ValueError(f"{name}: empty input {tuple(q.shape)}, {tuple(k.shape)}")
     check_int32_extent(name, q=q, k=k, v=v)
+
+
+def stride_unit(*tensors) -> int:
+    """8 when the launcher can prove 16-byte alignment for vector loads: every tensor's last (head-dim)
+    stride is 1, its other strides are multiples of 8 (and below 2**31), its data pointer is 16-byte
+    aligned. The kernels then take those strides divided by 8 and multiply by the constexpr UNIT,
+    so the compiler knows every row offset is a multiple of 8 elements (D = 40 has no stride divisible
+    by 16 for Triton to find on its own). Else 1: the same kernel, unhinted."""
+    for t in tensors:
+        st = t.stride()
+        if st[-1] != 1 or t.data_ptr() % 16 or any(x % 8 or x >= 2 ** 31 for x in st[:-1]):
+            return 1
+    return 8
+
+
+def strides(t, unit: int) -> tuple:
+    """t's strides as the kernels take them: all but the last divided by `unit` (see stride_unit)."""
+    st = t.stride()
+    return tuple(x // unit for x in st[:-1]) + (st[-1],)
 
 
 def check_int32_extent(name, **tensors):

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ._common import (BWD_CANDIDATES, DTYPES, FWD_CANDIDATES, LOG2E, attn_bwd_dkdv, branch_fwd, bucket, bwd_blocks,
                       bwd_config, check_qkv, dq_loop, empty, fwd_config, head_block, head_flags, load_rows, p_dp_tile,
-                      precision, store_rows, tuned_config)
+                      precision, store_rows, stride_unit, strides, tuned_config)
 from .tuning import pow2_bucket
 
 
@@ -38,11 +38,20 @@ def _dual_fwd(QT, KT, VT, QI, KI, VI, O, LSE,
               sqtb, sqtl, sqth, sqtd, sktb, sktl, skth, sktd, svtb, svtl, svth, svtd,
               sqib, sqil, sqih, sqid, skib, skil, skih, skid, svib, svil, svih, svid,
               sob, sol, soh, sod,
-              H, Lq, Lt, Li, D, qk_scale, m_blocks, lse_branch_stride,
+              H, Lq, Lt, Li, D: tl.constexpr, qk_scale, m_blocks, lse_branch_stride,
               BLOCK_M: tl.constexpr, BLOCK_NT: tl.constexpr, BLOCK_NI: tl.constexpr,
               D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, MASK_D0: tl.constexpr,
               MASK_D1: tl.constexpr, EVEN_M: tl.constexpr, EVEN_NT: tl.constexpr, EVEN_NI: tl.constexpr,
-              SHARED_Q: tl.constexpr, PREC: tl.constexpr):
+              SHARED_Q: tl.constexpr, PREC: tl.constexpr,
+              UNIT: tl.constexpr):
+    # UNIT = 8 when the launcher proved every non-head-dim stride a multiple of 8 (strides come
+    # divided by it): the offsets are then known multiples of 8 elements, so loads vectorise.
+    sqtb, sqtl, sqth, sktb = sqtb * UNIT, sqtl * UNIT, sqth * UNIT, sktb * UNIT
+    sktl, skth, svtb, svtl = sktl * UNIT, skth * UNIT, svtb * UNIT, svtl * UNIT
+    svth, sqib, sqil, sqih = svth * UNIT, sqib * UNIT, sqil * UNIT, sqih * UNIT
+    skib, skil, skih, svib = skib * UNIT, skil * UNIT, skih * UNIT, svib * UNIT
+    svil, svih, sob, sol = svil * UNIT, svih * UNIT, sob * UNIT, sol * UNIT
+    soh = soh * UNIT
     bh, mb, b, h = head_block(tl.program_id(0), m_blocks, H)
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < Lq
@@ -95,12 +104,21 @@ def _dual_bwd_dq(QT, KT, VT, QI, KI, VI, DO, DQT, DQI, LSE, DELTA,
                  sqtb, sqtl, sqth, sqtd, sktb, sktl, skth, sktd, svtb, svtl, svth, svtd,
                  sqib, sqil, sqih, sqid, skib, skil, skih, skid, svib, svil, svih, svid,
                  sdob, sdol, sdoh, sdod, sgb, sgl, sgh, sgd,
-                 H, Lq, Lt, Li, D, sm_scale, qk_scale, m_blocks, lse_branch_stride,
+                 H, Lq, Lt, Li, D: tl.constexpr, sm_scale, qk_scale, m_blocks, lse_branch_stride,
                  BLOCK_M: tl.constexpr, BLOCK_NT: tl.constexpr, BLOCK_NI: tl.constexpr,
                  D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr, MASK_D0: tl.constexpr,
                  MASK_D1: tl.constexpr, EVEN_M: tl.constexpr, EVEN_NT: tl.constexpr, EVEN_NI: tl.constexpr,
-                 SHARED_Q: tl.constexpr, SUM_DQ: tl.constexpr, PREC: tl.constexpr):
+                 SHARED_Q: tl.constexpr, SUM_DQ: tl.constexpr, PREC: tl.constexpr,
+                 UNIT: tl.constexpr):
     """dQ of both branches (summed into DQT when SUM_DQ) and both deltas. DQT, DQI share strides sg*."""
+    # UNIT = 8 when the launcher proved every non-head-dim stride a multiple of 8 (strides come
+    # divided by it): the offsets are then known multiples of 8 elements, so loads vectorise.
+    sqtb, sqtl, sqth, sktb = sqtb * UNIT, sqtl * UNIT, sqth * UNIT, sktb * UNIT
+    sktl, skth, svtb, svtl = sktl * UNIT, skth * UNIT, svtb * UNIT, svtl * UNIT
+    svth, sqib, sqil, sqih = svth * UNIT, sqib * UNIT, sqil * UNIT, sqih * UNIT
+    skib, skil, skih, svib = skib * UNIT, skil * UNIT, skih * UNIT, svib * UNIT
+    svil, svih, sdob, sdol = svil * UNIT, svih * UNIT, sdob * UNIT, sdol * UNIT
+    sdoh, sgb, sgl, sgh = sdoh * UNIT, sgb * UNIT, sgl * UNIT, sgh * UNIT
     bh, mb, b, h = head_block(tl.program_id(0), m_blocks, H)
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < Lq
@@ -161,19 +179,31 @@ def _flags(Lq, Lt, Li, D, dtype, bm, bnt, bni, shared):
                 EVEN_NT=Lt % bnt == 0, EVEN_NI=Li % bni == 0, SHARED_Q=shared, PREC=precision(dtype))
 
 
+# The dual forward holds two contexts' accumulators: past a head dim of 64, (128 rows, 8 warps) needs
+# 145-156 registers on sm_90 (1 CTA/SM, kernels/compile_check.py); (64 rows, 4 warps) fits 2+.
+DUAL_FWD_CONFIGS = {128: (64, 64, 4, 3), 256: (64, 64, 4, 2)}
+
+
+def dual_fwd_config(D, dtype):
+    if bucket(D) not in DUAL_FWD_CONFIGS:
+        return fwd_config(D, dtype)
+    bm, bn, w, s = DUAL_FWD_CONFIGS[bucket(D)]
+    return bm, bn, w, (1 if dtype == torch.float32 else s)
+
+
 def dual_fwd(q_t, k_t, v_t, q_i, k_i, v_i, scale, config=None):
     B, Lq, H, D = q_t.shape
     Lt, Li = k_t.shape[1], k_i.shape[1]
-    bm, cap, warps, stages = config or fwd_config(D, q_t.dtype)
+    bm, cap, warps, stages = config or dual_fwd_config(D, q_t.dtype)
     bnt, bni = ctx_block(Lt, cap), ctx_block(Li, cap)
     o = empty(q_t.shape, q_t)
     lse = empty((2, B, H, Lq), q_t, torch.float32)
     m_blocks = triton.cdiv(Lq, bm)
+    u = stride_unit(q_t, k_t, v_t, q_i, k_i, v_i, o)
     _dual_fwd[(B * H * m_blocks,)](
-        q_t, k_t, v_t, q_i, k_i, v_i, o, lse, *q_t.stride(), *k_t.stride(), *v_t.stride(),
-        *q_i.stride(), *k_i.stride(), *v_i.stride(), *o.stride(),
+        q_t, k_t, v_t, q_i, k_i, v_i, o, lse, *(s for t in (q_t, k_t, v_t, q_i, k_i, v_i, o) for s in strides(t, u)),
         H, Lq, Lt, Li, D, scale * LOG2E, m_blocks, B * H * Lq,
-        **_flags(Lq, Lt, Li, D, q_t.dtype, bm, bnt, bni, same_memory(q_t, q_i)),
+        **_flags(Lq, Lt, Li, D, q_t.dtype, bm, bnt, bni, same_memory(q_t, q_i)), UNIT=u,
         num_warps=warps, num_stages=stages)
     return o, lse
 
@@ -187,11 +217,12 @@ def dual_bwd(q_t, k_t, v_t, q_i, k_i, v_i, lse, do, scale, sum_dq, config=None):
     dq_i = dq_t if sum_dq else empty(q_i.shape, q_i)
     delta = empty(lse.shape, lse)
     m_blocks = triton.cdiv(Lq, bm)
+    u = stride_unit(q_t, k_t, v_t, q_i, k_i, v_i, do, dq_t, dq_i)
     _dual_bwd_dq[(B * H * m_blocks,)](
         q_t, k_t, v_t, q_i, k_i, v_i, do, dq_t, dq_i, lse, delta,
-        *q_t.stride(), *k_t.stride(), *v_t.stride(), *q_i.stride(), *k_i.stride(), *v_i.stride(),
-        *do.stride(), *dq_t.stride(), H, Lq, Lt, Li, D, scale, scale * LOG2E, m_blocks, B * H * Lq,
-        **_flags(Lq, Lt, Li, D, q_t.dtype, bm, bnt, bni, same_memory(q_t, q_i)), SUM_DQ=sum_dq,
+        *(s for t in (q_t, k_t, v_t, q_i, k_i, v_i, do, dq_t) for s in strides(t, u)),
+        H, Lq, Lt, Li, D, scale, scale * LOG2E, m_blocks, B * H * Lq,
+        **_flags(Lq, Lt, Li, D, q_t.dtype, bm, bnt, bni, same_memory(q_t, q_i)), SUM_DQ=sum_dq, UNIT=u,
         num_warps=warps, num_stages=stages)
     grads = []
     for q, k, v, branch in ((q_t, k_t, v_t, 0), (q_i, k_i, v_i, 1)):
@@ -199,11 +230,12 @@ def dual_bwd(q_t, k_t, v_t, q_i, k_i, v_i, lse, do, scale, sum_dq, config=None):
         bn = kv_bn   # even for 16 tokens: masked, but wgmma-sized and spill-free
         dk, dv = empty(k.shape, k), empty(v.shape, v)
         n_blocks = triton.cdiv(Lk, bn)
+        uk = stride_unit(q, k, v, do, dk, dv)
         attn_bwd_dkdv[(B * H * n_blocks,)](
-            q, k, v, do, dk, dv, lse[branch], delta[branch], *q.stride(), *k.stride(), *v.stride(),
-            *do.stride(), *dk.stride(), *dv.stride(), H, Lq, Lk, D, scale, scale * LOG2E, n_blocks,
+            q, k, v, do, dk, dv, lse[branch], delta[branch], *(s for t in (q, k, v, do, dk, dv) for s in strides(t, uk)),
+            H, Lq, Lk, D, scale, scale * LOG2E, n_blocks,
             BLOCK_M=kv_bm, BLOCK_N=bn, **head_flags(D), EVEN_M=Lq % kv_bm == 0, EVEN_N=Lk % bn == 0,
-            PREC=precision(q.dtype), num_warps=warps, num_stages=stages)
+            PREC=precision(q.dtype), UNIT=uk, num_warps=warps, num_stages=stages)
         grads += [dk, dv]
     return dq_t, (None if sum_dq else dq_i), *grads
 

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ._common import (BWD_CANDIDATES, FWD_CANDIDATES, LOG2E, attn_bwd_dkdv, branch_fwd, bucket, bwd_blocks,
                       bwd_config, check_qkv, dq_loop, empty, fwd_config, head_block, head_flags, load_rows,
-                      precision, store_rows, tuned_config)
+                      precision, store_rows, stride_unit, strides, tuned_config)
 from .tuning import pow2_bucket
 
 # ----------------------------------------------------------------------------- forward
@@ -36,10 +36,16 @@ from .tuning import pow2_bucket
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE,
               sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd, sob, sol, soh, sod,
-              H, Lq, Lk, D, qk_scale, m_blocks,
+              H, Lq, Lk, D: tl.constexpr, qk_scale, m_blocks,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
               HAS_D1: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr,
-              EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr):
+              EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
+              UNIT: tl.constexpr):
+    # UNIT = 8 when the launcher proved every non-head-dim stride a multiple of 8 (strides come
+    # divided by it): the offsets are then known multiples of 8 elements, so loads vectorise.
+    sqb, sql, sqh, skb = sqb * UNIT, sql * UNIT, sqh * UNIT, skb * UNIT
+    skl, skh, svb, svl = skl * UNIT, skh * UNIT, svb * UNIT, svl * UNIT
+    svh, sob, sol, soh = svh * UNIT, sob * UNIT, sol * UNIT, soh * UNIT
     bh, mb, b, h = head_block(tl.program_id(0), m_blocks, H)
     K += b * skb + h * skh
     V += b * svb + h * svh
@@ -66,11 +72,19 @@ def _attn_fwd(Q, K, V, O, LSE,
 def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA,
                  sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd,
                  sob, sol, soh, sod, sdob, sdol, sdoh, sdod, sdqb, sdql, sdqh, sdqd,
-                 H, Lq, Lk, D, sm_scale, qk_scale, m_blocks,
+                 H, Lq, Lk, D: tl.constexpr, sm_scale, qk_scale, m_blocks,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                  HAS_D1: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr,
-                 EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr):
+                 EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
+                 UNIT: tl.constexpr):
     """One program per (b, h, query block): delta = rowsum(dO * O) (stored), then dQ."""
+    # UNIT = 8 when the launcher proved every non-head-dim stride a multiple of 8 (strides come
+    # divided by it): the offsets are then known multiples of 8 elements, so loads vectorise.
+    sqb, sql, sqh, skb = sqb * UNIT, sql * UNIT, sqh * UNIT, skb * UNIT
+    skl, skh, svb, svl = skl * UNIT, skh * UNIT, svb * UNIT, svl * UNIT
+    svh, sob, sol, soh = svh * UNIT, sob * UNIT, sol * UNIT, soh * UNIT
+    sdob, sdol, sdoh, sdqb = sdob * UNIT, sdol * UNIT, sdoh * UNIT, sdqb * UNIT
+    sdql, sdqh = sdql * UNIT, sdqh * UNIT
     bh, mb, b, h = head_block(tl.program_id(0), m_blocks, H)
     K += b * skb + h * skh
     V += b * svb + h * svh
@@ -110,11 +124,12 @@ def attention_fwd(q, k, v, scale, config=None):
     o = empty(q.shape, q)
     lse = empty((B, H, Lq), q, torch.float32)
     m_blocks = triton.cdiv(Lq, bm)
+    u = stride_unit(q, k, v, o)
     _attn_fwd[(B * H * m_blocks,)](
-        q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        q, k, v, o, lse, *strides(q, u), *strides(k, u), *strides(v, u), *strides(o, u),
         H, Lq, Lk, D, scale * LOG2E, m_blocks,
         BLOCK_M=bm, BLOCK_N=bn, **head_flags(D), EVEN_M=Lq % bm == 0, EVEN_N=Lk % bn == 0,
-        PREC=precision(q.dtype), num_warps=warps, num_stages=stages)
+        PREC=precision(q.dtype), UNIT=u, num_warps=warps, num_stages=stages)
     return o, lse
 
 
@@ -127,16 +142,17 @@ def attention_bwd(q, k, v, o, lse, do, scale, config=None):
     dk = empty(k.shape, k)
     dv = empty(v.shape, v)
     delta = empty(lse.shape, lse)
-    common = dict(**head_flags(D), PREC=precision(q.dtype), num_warps=warps, num_stages=stages)
+    u = stride_unit(q, k, v, o, do, dq, dk, dv)
+    common = dict(**head_flags(D), PREC=precision(q.dtype), UNIT=u, num_warps=warps, num_stages=stages)
     m_blocks = triton.cdiv(Lq, dq_bm)
     _attn_bwd_dq[(B * H * m_blocks,)](
-        q, k, v, o, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        *do.stride(), *dq.stride(), H, Lq, Lk, D, scale, scale * LOG2E, m_blocks,
+        q, k, v, o, do, dq, lse, delta, *strides(q, u), *strides(k, u), *strides(v, u), *strides(o, u),
+        *strides(do, u), *strides(dq, u), H, Lq, Lk, D, scale, scale * LOG2E, m_blocks,
         BLOCK_M=dq_bm, BLOCK_N=dq_bn, EVEN_M=Lq % dq_bm == 0, EVEN_N=Lk % dq_bn == 0, **common)
     n_blocks = triton.cdiv(Lk, kv_bn)
     attn_bwd_dkdv[(B * H * n_blocks,)](
-        q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-        *dk.stride(), *dv.stride(), H, Lq, Lk, D, scale, scale * LOG2E, n_blocks,
+        q, k, v, do, dk, dv, lse, delta, *strides(q, u), *strides(k, u), *strides(v, u), *strides(do, u),
+        *strides(dk, u), *strides(dv, u), H, Lq, Lk, D, scale, scale * LOG2E, n_blocks,
         BLOCK_M=kv_bm, BLOCK_N=kv_bn, EVEN_M=Lq % kv_bm == 0, EVEN_N=Lk % kv_bn == 0, **common)
     return dq, dk, dv
 

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ._common import (DTYPES, LOG2E, MAX_HEAD_DIM, check_device, empty, head_flags, load, load_rows, precision,
-                      store)
+                      store, stride_unit, strides)
 
 MAX_FRAMES = 64
 
@@ -74,10 +74,17 @@ def _scores(q0, q1, K, koff, kok, d0, d1, D, F, skd, qk_scale,
 def _temporal_fwd(Q, K, V, O,
                   sqb, sqs, sqf, sqh, sqd, skb, sks, skf, skh, skd, svb, svs, svf, svh, svd,
                   sob, sos, sof, soh, sod,
-                  F, NSEQ, H, S, D, qk_scale,
+                  F, NSEQ, H, S, D: tl.constexpr, qk_scale,
                   ROWS: tl.constexpr, FP: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                   HAS_D1: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr,
-                  ROW_MASK: tl.constexpr, PREC: tl.constexpr):
+                  ROW_MASK: tl.constexpr, PREC: tl.constexpr,
+                  UNIT: tl.constexpr):
+    # UNIT = 8 when the launcher proved every non-head-dim stride a multiple of 8 (strides come
+    # divided by it): the offsets are then known multiples of 8 elements, so loads vectorise.
+    sqb, sqs, sqf, sqh = sqb * UNIT, sqs * UNIT, sqf * UNIT, sqh * UNIT
+    skb, sks, skf, skh = skb * UNIT, sks * UNIT, skf * UNIT, skh * UNIT
+    svb, svs, svf, svh = svb * UNIT, svs * UNIT, svf * UNIT, svh * UNIT
+    sob, sos, sof, soh = sob * UNIT, sos * UNIT, sof * UNIT, soh * UNIT
     pid = tl.program_id(0)
     qoff, ok = _row_offsets(pid, F, NSEQ, H, S, sqb, sqs, sqf, sqh, ROWS, FP)
     koff, _ = _row_offsets(pid, F, NSEQ, H, S, skb, sks, skf, skh, ROWS, FP)
@@ -86,18 +93,18 @@ def _temporal_fwd(Q, K, V, O,
     d0 = tl.arange(0, D0)
     d1 = D0 + tl.arange(0, D1)
     q0, q1 = load_rows(Q, qoff, ok, sqd, D, D0, D1, HAS_D1, MASK_D0, MASK_D1, ROW_MASK)
+    # V is issued before the scores: its latency overlaps the QK^T dot and the softmax
+    v0, v1 = load_rows(V, voff, ok, svd, D, D0, D1, HAS_D1, MASK_D0, MASK_D1, ROW_MASK)
     s, k0t, k1t = _scores(q0, q1, K, koff, ok, d0, d1, D, F, skd, qk_scale,
                           HAS_D1, MASK_D0, MASK_D1, ROW_MASK, ROWS, FP, PREC)
     m = tl.max(s, 1)
     p = tl.exp2(s - m[:, None])
     inv_l = 1.0 / tl.sum(p, 1)
     p = p * inv_l[:, None]
-    v0 = load(V + voff[:, None] + d0[None, :] * svd, ok[:, None], d0[None, :] < D, ROW_MASK, MASK_D0)
     o0 = tl.dot(p.to(v0.dtype), v0, input_precision=PREC)
     store(O + ooff[:, None] + d0[None, :] * sod, o0.to(O.dtype.element_ty), ok[:, None], d0[None, :] < D,
            ROW_MASK, MASK_D0)
     if HAS_D1:
-        v1 = load(V + voff[:, None] + d1[None, :] * svd, ok[:, None], d1[None, :] < D, ROW_MASK, MASK_D1)
         o1 = tl.dot(p.to(v1.dtype), v1, input_precision=PREC)
         store(O + ooff[:, None] + d1[None, :] * sod, o1.to(O.dtype.element_ty), ok[:, None], d1[None, :] < D,
                ROW_MASK, MASK_D1)
@@ -107,11 +114,19 @@ def _temporal_fwd(Q, K, V, O,
 def _temporal_bwd(Q, K, V, DO, DQ, DK, DV,
                   sqb, sqs, sqf, sqh, sqd, skb, sks, skf, skh, skd, svb, svs, svf, svh, svd,
                   sdob, sdos, sdof, sdoh, sdod, sgb, sgs, sgf, sgh, sgd,
-                  F, NSEQ, H, S, D, sm_scale, qk_scale,
+                  F, NSEQ, H, S, D: tl.constexpr, sm_scale, qk_scale,
                   ROWS: tl.constexpr, FP: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                   HAS_D1: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr,
-                  ROW_MASK: tl.constexpr, PREC: tl.constexpr):
+                  ROW_MASK: tl.constexpr, PREC: tl.constexpr,
+                  UNIT: tl.constexpr):
     """dQ, dK, dV for the packed tile; the three gradients share one stride set (sg*)."""
+    # UNIT = 8 when the launcher proved every non-head-dim stride a multiple of 8 (strides come
+    # divided by it): the offsets are then known multiples of 8 elements, so loads vectorise.
+    sqb, sqs, sqf, sqh = sqb * UNIT, sqs * UNIT, sqf * UNIT, sqh * UNIT
+    skb, sks, skf, skh = skb * UNIT, sks * UNIT, skf * UNIT, skh * UNIT
+    svb, svs, svf, svh = svb * UNIT, svs * UNIT, svf * UNIT, svh * UNIT
+    sdob, sdos, sdof, sdoh = sdob * UNIT, sdos * UNIT, sdof * UNIT, sdoh * UNIT
+    sgb, sgs, sgf, sgh = sgb * UNIT, sgs * UNIT, sgf * UNIT, sgh * UNIT
     pid = tl.program_id(0)
     qoff, ok = _row_offsets(pid, F, NSEQ, H, S, sqb, sqs, sqf, sqh, ROWS, FP)
     koff, _ = _row_offsets(pid, F, NSEQ, H, S, skb, sks, skf, skh, ROWS, FP)
@@ -168,9 +183,10 @@ def tile_rows(F: int) -> int:
 
 
 def launch_config(D: int, dtype):
-    """(num_warps, num_stages) by padded head dim; one pass, so stages only matter for loads."""
+    """(num_warps, num_stages) by padded head dim; one pass, so stages only matter for loads. 4 warps
+    (one warp group: a 64-row tile is exactly one wgmma M) up to D = 80, 8 past it."""
     d0, d1 = head_flags(D)["D0"], head_flags(D)["D1"] if head_flags(D)["HAS_D1"] else 0
-    return (4 if d0 + d1 <= 64 else 8), 1
+    return (4 if d0 + d1 <= 80 else 8), 1
 
 
 def grid_size(nseq: int, F: int) -> int:
@@ -223,9 +239,10 @@ def temporal_fwd(q, k, v, scale):
     q5, k5, v5, o5 = (_as5(x) for x in (q, k, v, o))
     F, D = q5.shape[2], q5.shape[4]
     nseq, H, S, flags = _common(q5, F, D)
+    u = stride_unit(q5, k5, v5, o5)
     _temporal_fwd[(grid_size(nseq, F),)](
-        q5, k5, v5, o5, *q5.stride(), *k5.stride(), *v5.stride(), *o5.stride(),
-        F, nseq, H, S, D, scale * LOG2E, **flags)
+        q5, k5, v5, o5, *(s for t in (q5, k5, v5, o5) for s in strides(t, u)),
+        F, nseq, H, S, D, scale * LOG2E, UNIT=u, **flags)
     return o
 
 
@@ -234,9 +251,10 @@ def temporal_bwd(q, k, v, do, scale):
     q5, k5, v5, do5, dq5, dk5, dv5 = (_as5(x) for x in (q, k, v, do, dq, dk, dv))
     F, D = q5.shape[2], q5.shape[4]
     nseq, H, S, flags = _common(q5, F, D)
+    u = stride_unit(q5, k5, v5, do5, dq5, dk5, dv5)
     _temporal_bwd[(grid_size(nseq, F),)](
-        q5, k5, v5, do5, dq5, dk5, dv5, *q5.stride(), *k5.stride(), *v5.stride(), *do5.stride(),
-        *dq5.stride(), F, nseq, H, S, D, scale, scale * LOG2E, **flags)
+        q5, k5, v5, do5, dq5, dk5, dv5, *(s for t in (q5, k5, v5, do5, dq5) for s in strides(t, u)),
+        F, nseq, H, S, D, scale, scale * LOG2E, UNIT=u, **flags)
     return dq, dk, dv
 
 

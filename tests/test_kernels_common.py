@@ -164,13 +164,28 @@ def test_offline_compile_sm90_sm80(tmp_path):
     the sd15 shapes for sm_90 and sm_80, the coverage set (other dtypes, head dims, ragged lengths,
     every tuning candidate) for sm_90; within the shared-memory limits; low-precision attention
     kernels use wgmma on sm_90 and mma.sync on sm_80."""
-    records = compile_records(tmp_path, "--set", "sd15", "--arch", "90", "80")
-    records += compile_records(tmp_path, "--set", "coverage", "--arch", "90")
+    sd15 = compile_records(tmp_path, "--set", "sd15", "--arch", "90", "80")
+    records = sd15 + compile_records(tmp_path, "--set", "coverage", "--arch", "90")
     for x in records:
         name = f"sm_{x['arch']} {x['kernel']} [{x['case']}]"
         assert x["shared"] <= x["smem_limit"], f"{name}: smem {x['shared']} over the limit"
         if x["expect_mma"]:
             assert x["wgmma"] if x["arch"] == 90 else x["mma_sync"], f"{name}: no tensor-core MMA in the PTX"
+    # what the sd15 shapes must compile to on Hopper (issue 13): no spills; at D = 40 no scalar 2-byte
+    # global loads (the head dim is a constexpr and the launcher's stride proof gives 16-byte vectors),
+    # except the dual kernel's 16-token image context, whose masked 16x16 head-dim tail spreads one
+    # element per thread over 8 warps (at most 4 such loads); at least 2 CTAs per SM for every forward.
+    for x in sd15:
+        if x["arch"] != 90:
+            continue
+        name = f"sm_90 {x['kernel']} [{x['case']}]"
+        assert x["n_spills"] == 0, f"{name}: {x['n_spills']} bytes of spills"
+        if x["head_dim"] == 40:
+            scalar = x["global_loads"].get("2B", 0)
+            assert scalar <= (4 if x["module"] == "dual_cross" and x["kernel"] != "attn_bwd_dkdv" else 0), \
+                f"{name}: {scalar} scalar 2-byte global loads"
+        if x["kernel"].endswith("_fwd"):
+            assert x["ctas_per_sm"] >= 2, f"{name}: {x['ctas_per_sm']} CTA/SM ({x['n_regs']} registers, {x['shared']} B smem)"
 
 
 def test_dispatcher_reaches_the_kernels():

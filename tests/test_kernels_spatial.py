@@ -23,6 +23,8 @@ def run_case(B, Lq, Lk, H, D, dtype, cfg=None, layout="contiguous", scale=None, 
         assert Lq == Lk
         qkv = rand(B, Lq, 3, H, D, dtype=dtype, gen=g)
         q, k, v = qkv.unbind(2)
+    elif layout == "padded":     # rows of D + 1 elements: strides not multiples of 8, the unhinted variant
+        q, k, v = (rand(B, L, H, D + 1, dtype=dtype, gen=g)[..., :D] for L in (Lq, Lk, Lk))
     else:                        # "transposed": (B, H, L, D) storage seen as (B, L, H, D), stride_d != 1 for v
         q = rand(B, H, Lq, D, dtype=dtype, gen=g).transpose(1, 2)
         k = rand(B, H, Lk, D, dtype=dtype, gen=g).transpose(1, 2)
@@ -63,7 +65,7 @@ def test_edge_lengths(Lq, Lk):
     run_case(1, Lq, Lk, 3, 40, torch.float16, cfg=(16, 16, 4, 1))
 
 
-@pytest.mark.parametrize("layout", ["packed", "transposed"])
+@pytest.mark.parametrize("layout", ["packed", "transposed", "padded"])
 @pytest.mark.parametrize("D", [40, 64])
 def test_non_contiguous(layout, D):
     run_case(2, 21, 21, 2, D, torch.bfloat16, cfg=(16, 16, 4, 1), layout=layout)
@@ -103,6 +105,19 @@ def test_launcher_checks():
         attention(x, rand(1, 4, 2, 16), rand(1, 4, 2, 16))
     with pytest.raises(ValueError):
         attention(*(rand(1, 4, 1, 257),) * 3)
+
+
+def test_stride_unit_only_where_alignment_is_proven():
+    """The launchers pass UNIT = 8 (16-byte vector loads) only for unit head-dim strides, other strides
+    multiples of 8 and 16-byte aligned pointers; every other input takes the unhinted variant (UNIT = 1),
+    which test_non_contiguous runs ("transposed", "padded")."""
+    from kernels._common import stride_unit, strides
+    x = torch.empty(2, 33, 8, 40, dtype=torch.bfloat16)
+    assert stride_unit(x) == 8 and strides(x, 8) == (33 * 40, 40, 5, 1)
+    assert stride_unit(torch.empty(2, 33, 8, 41)[..., :40]) == 1          # row stride 41
+    assert stride_unit(x.transpose(1, 3)) == 1                             # head-dim stride != 1
+    assert stride_unit(torch.empty(2, 33, 8, 48, dtype=torch.bfloat16)[..., 1:41]) == 1   # pointer + 2 bytes
+    assert stride_unit(x, torch.empty(2, 33, 8, 41)[..., :40]) == 1        # one misaligned input is enough
 
 
 def test_split_head_dim():
