@@ -223,10 +223,9 @@ def _dz_tile(X, DY, xbase, dybase, c, s, sxc, sxs, sdc, sds, CG, S, mean, rstd, 
 
 
 @triton.jit
-def _chunk_channel_sums(X, DY, xbase, dybase, sxc, sxs, sdc, sds, CG, S, s_lo, s_hi, mean, rstd, w, b,
+def _chunk_channel_sums(X, DY, xbase, dybase, c, sxc, sxs, sdc, sds, CG, S, s_lo, s_hi, mean, rstd, w, b,
                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, MASK_C: tl.constexpr,
                         MASK_S: tl.constexpr, SILU: tl.constexpr):
-    c = tl.arange(0, BLOCK_C)
     a = tl.zeros([BLOCK_C], dtype=tl.float32)
     bsum = tl.zeros([BLOCK_C], dtype=tl.float32)
     for s0 in range(s_lo, s_hi, BLOCK_S):
@@ -239,13 +238,26 @@ def _chunk_channel_sums(X, DY, xbase, dybase, sxc, sxs, sdc, sds, CG, S, s_lo, s
 
 
 @triton.jit
+def _load_wb(W, B, ch, ok, MASK_C: tl.constexpr):
+    if MASK_C:
+        w = tl.load(W + ch, mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(B + ch, mask=ok, other=0.0).to(tl.float32)
+    else:
+        w = tl.load(W + ch).to(tl.float32)
+        b = tl.load(B + ch).to(tl.float32)
+    return w, b
+
+
+@triton.jit
 def _gn_bwd(X, DY, W, B, MEAN, RSTD, AP, BP, DX,
             sxn, sxc, sxs, sdn, sdc, sds, sgn, sgc, sgs, C, G, CG, S, chunk,
             SPLIT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
             MASK_C: tl.constexpr, MASK_S: tl.constexpr, SILU: tl.constexpr, PHASE: tl.constexpr):
     """PHASE 0: per-channel partials A, B of this chunk -> AP, BP[(n*SPLIT + sp)*C + channel].
     PHASE 1: dx of this chunk from the group's merged partials.
-    PHASE 2 (SPLIT == 1): both in one program, the partials kept in registers (and stored for dw/db)."""
+    PHASE 2 (SPLIT == 1): both in one program (the partials also stored for dw/db).
+    Channels go in blocks of BLOCK_C (a divisor of CG when MASK_C is off); the group terms
+    sum_c w_c A_c and sum_c w_c B_c are accumulated over the blocks."""
     pid = tl.program_id(0)
     ng = pid // SPLIT
     sp = pid % SPLIT
@@ -257,45 +269,49 @@ def _gn_bwd(X, DY, W, B, MEAN, RSTD, AP, BP, DX,
     s_hi = tl.minimum(s_lo + chunk, S)
     mean = tl.load(MEAN + ng)
     rstd = tl.load(RSTD + ng)
-    c = tl.arange(0, BLOCK_C)
-    if MASK_C:
-        w = tl.load(W + g * CG + c, mask=c < CG, other=0.0).to(tl.float32)
-        b = tl.load(B + g * CG + c, mask=c < CG, other=0.0).to(tl.float32)
-    else:
-        w = tl.load(W + g * CG + c).to(tl.float32)
-        b = tl.load(B + g * CG + c).to(tl.float32)
-    part = (n_i * SPLIT + sp) * C + g * CG + c
-    if PHASE != 1:
-        a, bs = _chunk_channel_sums(X, DY, xbase, dybase, sxc, sxs, sdc, sds, CG, S, s_lo, s_hi, mean, rstd,
-                                    w, b, BLOCK_C, BLOCK_S, MASK_C, MASK_S, SILU)
-        if MASK_C:
-            tl.store(AP + part, a, mask=c < CG)
-            tl.store(BP + part, bs, mask=c < CG)
-        else:
-            tl.store(AP + part, a)
-            tl.store(BP + part, bs)
-    if PHASE != 0:
-        if PHASE == 1:   # merge this group's partials over the SPLIT chunks
+    cr = tl.arange(0, BLOCK_C)
+    wa = tl.full([], 0.0, tl.float32)     # sum_c w_c A_c over the group (this chunk's, or merged)
+    wb = tl.full([], 0.0, tl.float32)     # sum_c w_c B_c
+    for c0 in range(0, CG, BLOCK_C):
+        c = c0 + cr
+        w, b = _load_wb(W, B, g * CG + c, c < CG, MASK_C)
+        if PHASE != 1:
+            a, bs = _chunk_channel_sums(X, DY, xbase, dybase, c, sxc, sxs, sdc, sds, CG, S, s_lo, s_hi, mean,
+                                        rstd, w, b, BLOCK_C, BLOCK_S, MASK_C, MASK_S, SILU)
+            part = (n_i * SPLIT + sp) * C + g * CG + c
+            if MASK_C:
+                tl.store(AP + part, a, mask=c < CG)
+                tl.store(BP + part, bs, mask=c < CG)
+            else:
+                tl.store(AP + part, a)
+                tl.store(BP + part, bs)
+        else:            # merge this group's partials over the SPLIT chunks
             a = tl.zeros([BLOCK_C], dtype=tl.float32)
             bs = tl.zeros([BLOCK_C], dtype=tl.float32)
             for j in range(0, SPLIT):
                 p = (n_i * SPLIT + j) * C + g * CG + c
                 a += tl.load(AP + p, mask=c < CG, other=0.0)
                 bs += tl.load(BP + p, mask=c < CG, other=0.0)
+        wa += tl.sum(w * a, 0)
+        wb += tl.sum(w * bs, 0)
+    if PHASE != 0:
         inv = 1.0 / (CG * S)
-        mean_dxhat = tl.sum(w * bs, 0) * inv            # mean over the group of dxhat = dz * w
-        mean_dxhat_xhat = tl.sum(w * a, 0) * inv
+        mean_dxhat = wb * inv            # mean over the group of dxhat = dz * w
+        mean_dxhat_xhat = wa * inv
         gbase = n_i * sgn + (g * CG).to(tl.int64) * sgc
-        for s0 in range(s_lo, s_hi, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            xhat, dz, ok = _dz_tile(X, DY, xbase, dybase, c, s, sxc, sxs, sdc, sds, CG, S, mean, rstd, w, b,
-                                    MASK_C, MASK_S, SILU)
-            dx = rstd * (dz * w[:, None] - mean_dxhat - xhat * mean_dxhat_xhat)
-            ptrs = DX + gbase + c[:, None] * sgc + s[None, :] * sgs
-            if MASK_C or MASK_S:
-                tl.store(ptrs, dx.to(DX.dtype.element_ty), mask=ok)
-            else:
-                tl.store(ptrs, dx.to(DX.dtype.element_ty))
+        for c0 in range(0, CG, BLOCK_C):
+            c = c0 + cr
+            w, b = _load_wb(W, B, g * CG + c, c < CG, MASK_C)
+            for s0 in range(s_lo, s_hi, BLOCK_S):
+                s = s0 + tl.arange(0, BLOCK_S)
+                xhat, dz, ok = _dz_tile(X, DY, xbase, dybase, c, s, sxc, sxs, sdc, sds, CG, S, mean, rstd, w, b,
+                                        MASK_C, MASK_S, SILU)
+                dx = rstd * (dz * w[:, None] - mean_dxhat - xhat * mean_dxhat_xhat)
+                ptrs = DX + gbase + c[:, None] * sgc + s[None, :] * sgs
+                if MASK_C or MASK_S:
+                    tl.store(ptrs, dx.to(DX.dtype.element_ty), mask=ok)
+                else:
+                    tl.store(ptrs, dx.to(DX.dtype.element_ty))
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -310,14 +326,16 @@ ONEPASS_PER_THREAD = 64    # one-pass forward while the group needs at most this
 def plan(N, C, S, G, split=None, target=None):
     """Backward tile sizes and split: (BLOCK_C, BLOCK_S, SPLIT, chunk, num_warps)."""
     CG = C // G
-    bc = triton.next_power_of_2(CG)
-    bs = max(16, min(triton.next_power_of_2(S), TILE_ELEMENTS // bc))
+    bs = max(16, min(triton.next_power_of_2(S), TILE_ELEMENTS))
     if split is None:
         target = target or 4 * SMS
-        split = max(1, min(triton.cdiv(target, N * G), triton.cdiv(S, 4 * bs), 64))
+        split = max(1, min(triton.cdiv(target, N * G), triton.cdiv(S, 4 * 256), 64))
+    if split > 1:   # the forward's split: tiles no longer than a chunk
+        bs = min(bs, max(16, triton.next_power_of_2(triton.cdiv(S, split))))
+    bc = min(pow2_divisor(CG), max(1, TILE_ELEMENTS // bs))    # divides C/G: no padded channel lanes
     chunk = triton.cdiv(triton.cdiv(S, split), bs) * bs   # a whole number of tiles per chunk
     split = triton.cdiv(S, chunk)
-    warps = 4 if bc * bs <= 2048 else 8
+    warps = max(1, min(8, bc * bs // 512))                # >= 4 elements a lane
     return bc, bs, split, chunk, warps
 
 
@@ -412,7 +430,7 @@ def gn_bwd(x, dy, weight, bias, mean, rstd, G, silu, split):
     dx3 = _flat(dx)
     ap = empty((N, split, C), x, torch.float32)
     bp = empty((N, split, C), x, torch.float32)
-    flags = dict(BLOCK_C=bc, BLOCK_S=bs, MASK_C=bc != C // G, MASK_S=S % bs != 0, SILU=silu, num_warps=warps)
+    flags = dict(BLOCK_C=bc, BLOCK_S=bs, MASK_C=(C // G) % bc != 0, MASK_S=S % bs != 0, SILU=silu, num_warps=warps)
     args = (x3, dy3, weight, bias, mean, rstd, ap, bp, dx3, *x3.stride(), *dy3.stride(), *dx3.stride(),
             C, G, C // G, S, chunk)
     grid = (N * G * split,)

@@ -72,7 +72,7 @@ def test_large_offset_variance_is_stable():
 def test_plan_splits_small_batches():
     from kernels.group_norm import plan
     bc, bs, split, chunk, warps = plan(1, 320, 64 * 64, 32, target=528)
-    assert bc == 16 and split > 1 and chunk % bs == 0 and split * chunk >= 64 * 64
+    assert bc == 2 and split > 1 and chunk % bs == 0 and split * chunk >= 64 * 64   # 2 divides C/G = 10
     assert plan(64, 320, 64 * 64, 32, target=528)[2] == 1   # N*G = 2048 programs: no split
 
 
@@ -136,3 +136,8 @@ def test_one_pass_many_tiles_and_looped_fallback(monkeypatch, tile, per_thread):
     assert p["onepass"] == (per_thread > 0) and p["SPLIT"] == 1 and 37 % p["BLOCK_S"] != 0
     run_case(2, 12, (37,), 2, torch.bfloat16)
     run_case(1, 12, (37,), 2, torch.float32, silu=False)
+
+
+def test_split_with_several_channel_blocks():
+    """C/G = 6: channel blocks of 2 in the split forward and in both backward phases."""
+    run_case(1, 12, (9, 11), 2, torch.bfloat16, split=2)
