@@ -360,7 +360,7 @@ def fwd_plan(N, C, S, G, split=None, sms=SMS):
             bs = min(bs, max(64, 1 << (triton.cdiv(S, want).bit_length() - 1)))
             split = max(1, min(want, triton.cdiv(S, bs), 64))
     else:   # forced (tests): tiles small enough that the chunks come out about as asked
-        bs = min(bs, max(16, triton.next_power_of_2(triton.cdiv(S, split)) // 4))
+        bs = min(bs, max(16, triton.next_power_of_2(triton.cdiv(S, split)) // 2))
     bc = min(pow2_divisor(CG), max(1, FWD_TILE // bs))
     if split == 1:
         chunk = triton.cdiv(S, bs) * bs
