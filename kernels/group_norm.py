@@ -8,13 +8,18 @@
 Supported: CUDA (or CPU under TRITON_INTERPRET=1); x fp32 / fp16 / bf16; weight/bias of any float
 dtype (fp32 parameters under bf16 autocast are fine); C divisible by num_groups; any N.
 
-Statistics in fp32, per tile a mean and a sum of squared deviations merged with Chan's parallel
-formula (no E[x^2] - E[x]^2 cancellation). The reduction over a group (C/G channels x S positions)
-is split in SPLIT chunks of positions when N*G alone would not fill the GPU:
-    SPLIT == 1:  one kernel per direction, each program owns a whole group and reads it twice
-                 (statistics, then normalise) - the second read mostly hits L2;
-    SPLIT > 1:   `_gn_stats` writes per-chunk (mean, M2, count), `_gn_fwd` merges the SPLIT partials
-                 of its group and normalises its chunk (two launches, no atomics).
+Statistics in fp32. Forward tiles are (BLOCK_C channels, BLOCK_S positions) with BLOCK_C the largest
+power of two dividing C/G (SD1.5's 10/20/30/40/60 -> 2/4/2/8/4): no lane holds a padded channel
+(next_pow2(C/G) left 37.5% idle); see fwd_plan(). Three forward paths:
+    one pass:    one program per group holds all its tiles in registers (a tuple, unrolled), so x is
+                 read from memory once: mean, then the sum of squared deviations from the registers,
+                 then normalise and write. Taken when there is no split and the group needs at most
+                 ONEPASS_PER_THREAD fp32 registers a thread (every sd15 shape at 256^2);
+    SPLIT == 1:  a group too large for that: one program loops over its tiles twice (statistics by
+                 Chan's merge of tile moments, then normalise; the second read mostly hits L2);
+    SPLIT > 1:   when N*G < SPLIT_SMS programs per SM, `_gn_stats` writes per-chunk (mean, M2, count)
+                 of SPLIT chunks of positions, `_gn_fwd` merges the SPLIT partials of its group and
+                 normalises its chunk (two launches, no atomics).
 Backward: per chunk, per-channel partial sums A_c = sum(dz * xhat), B_c = sum(dz) (dz the gradient
 before the affine, through SiLU); dweight, dbias are their sums over batch and chunks (in torch,
 fp32, deterministic) and the group terms of dx follow from them: sum(dxhat) = sum_c w_c B_c,
@@ -49,23 +54,25 @@ def _tile(X, base, c, s, sc, ss, CG, S, MASK_C: tl.constexpr, MASK_S: tl.constex
 @triton.jit
 def _chunk_stats(X, base, sc, ss, CG, S, s_lo, s_hi,
                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, MASK_C: tl.constexpr, MASK_S: tl.constexpr):
-    """(mean, M2, count) of the group's positions [s_lo, s_hi), by Chan's merge of tile moments."""
-    c = tl.arange(0, BLOCK_C)
+    """(mean, M2, count) of the group's positions [s_lo, s_hi), by Chan's merge of tile moments.
+    Tiles are (BLOCK_C channels, BLOCK_S positions); channel blocks loop when BLOCK_C < CG."""
     mean = tl.full([], 0.0, tl.float32)
     m2 = tl.full([], 0.0, tl.float32)
     n = tl.full([], 0.0, tl.float32)
-    for s0 in range(s_lo, s_hi, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        x, ok = _tile(X, base, c, s, sc, ss, CG, S, MASK_C, MASK_S)
-        cnt = tl.sum(tl.sum(ok.to(tl.float32), 1), 0)
-        t_mean = tl.sum(tl.sum(x, 1), 0) / cnt
-        d = tl.where(ok, x - t_mean, 0.0)
-        t_m2 = tl.sum(tl.sum(d * d, 1), 0)
-        tot = n + cnt
-        delta = t_mean - mean
-        mean = mean + delta * (cnt / tot)
-        m2 = m2 + t_m2 + delta * delta * (n * cnt / tot)
-        n = tot
+    for c0 in range(0, CG, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            x, ok = _tile(X, base, c, s, sc, ss, CG, S, MASK_C, MASK_S)
+            cnt = tl.sum(tl.sum(ok.to(tl.float32), 1), 0)
+            t_mean = tl.sum(tl.sum(x, 1), 0) / cnt
+            d = tl.where(ok, x - t_mean, 0.0)
+            t_m2 = tl.sum(tl.sum(d * d, 1), 0)
+            tot = n + cnt
+            delta = t_mean - mean
+            mean = mean + delta * (cnt / tot)
+            m2 = m2 + t_m2 + delta * delta * (n * cnt / tot)
+            n = tot
     return mean, m2, n
 
 
@@ -125,26 +132,78 @@ def _gn_fwd(X, W, B, Y, MEANP, M2P, CNTP, MEAN, RSTD,
     if sp == 0:
         tl.store(MEAN + ng, mean)
         tl.store(RSTD + ng, rstd)
-    c = tl.arange(0, BLOCK_C)
-    if MASK_C:
-        w = tl.load(W + g * CG + c, mask=c < CG, other=0.0).to(tl.float32)
-        b = tl.load(B + g * CG + c, mask=c < CG, other=0.0).to(tl.float32)
+    for c0 in range(0, CG, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        scale, shift = _affine(W, B, g * CG + c, c < CG, mean, rstd, MASK_C)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            x, ok = _tile(X, xbase, c, s, sxc, sxs, CG, S, MASK_C, MASK_S)
+            _store_y(Y, ybase, c, s, syc, sys, x * scale + shift, ok, MASK_C or MASK_S, SILU)
+
+
+@triton.jit
+def _affine(W, B, ch, ok, mean, rstd, MASK: tl.constexpr):
+    """(scale, shift) columns for channels ch: y = x * scale + shift is the affine GroupNorm."""
+    if MASK:
+        w = tl.load(W + ch, mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(B + ch, mask=ok, other=0.0).to(tl.float32)
     else:
-        w = tl.load(W + g * CG + c).to(tl.float32)
-        b = tl.load(B + g * CG + c).to(tl.float32)
-    scale = (w * rstd)[:, None]                  # y = x * scale + shift
-    shift = (b - mean * w * rstd)[:, None]
-    for s0 in range(s_lo, s_hi, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        x, ok = _tile(X, xbase, c, s, sxc, sxs, CG, S, MASK_C, MASK_S)
-        y = x * scale + shift
-        if SILU:
-            y = y * tl.sigmoid(y)
-        ptrs = Y + ybase + c[:, None] * syc + s[None, :] * sys
-        if MASK_C or MASK_S:
-            tl.store(ptrs, y.to(Y.dtype.element_ty), mask=ok)
-        else:
-            tl.store(ptrs, y.to(Y.dtype.element_ty))
+        w = tl.load(W + ch).to(tl.float32)
+        b = tl.load(B + ch).to(tl.float32)
+    return (w * rstd)[:, None], (b - mean * w * rstd)[:, None]
+
+
+@triton.jit
+def _store_y(Y, ybase, c, s, syc, sys, y, ok, MASK: tl.constexpr, SILU: tl.constexpr):
+    if SILU:
+        y = y * tl.sigmoid(y)
+    ptrs = Y + ybase + c[:, None] * syc + s[None, :] * sys
+    if MASK:
+        tl.store(ptrs, y.to(Y.dtype.element_ty), mask=ok)
+    else:
+        tl.store(ptrs, y.to(Y.dtype.element_ty))
+
+
+@triton.jit
+def _gn_fwd_onepass(X, W, B, Y, MEAN, RSTD, sxn, sxc, sxs, syn, syc, sys, G, CG, S, eps,
+                    NCB: tl.constexpr, NSB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                    MASK_S: tl.constexpr, SILU: tl.constexpr):
+    """One program per group, one read: the group's NCB x NSB tiles (BLOCK_C channels x BLOCK_S
+    positions, BLOCK_C dividing CG) are loaded once into registers (a tuple), the mean and the sum
+    of squared deviations are taken from them in fp32, then they are normalised and written."""
+    ng = tl.program_id(0)
+    n_i = (ng // G).to(tl.int64)
+    g = ng % G
+    xbase = n_i * sxn + (g * CG).to(tl.int64) * sxc
+    ybase = n_i * syn + (g * CG).to(tl.int64) * syc
+    cr = tl.arange(0, BLOCK_C)
+    sr = tl.arange(0, BLOCK_S)
+    xs = ()
+    for t in tl.static_range(NCB * NSB):
+        x, ok = _tile(X, xbase, (t // NSB) * BLOCK_C + cr, (t % NSB) * BLOCK_S + sr, sxc, sxs, CG, S,
+                      False, MASK_S)
+        xs = xs + (x,)
+    total = tl.sum(tl.sum(xs[0], 1), 0)
+    for t in tl.static_range(1, NCB * NSB):
+        total += tl.sum(tl.sum(xs[t], 1), 0)
+    cnt = (CG * S).to(tl.float32)
+    mean = total / cnt
+    m2 = tl.full([], 0.0, tl.float32)
+    for t in tl.static_range(NCB * NSB):
+        d = xs[t] - mean
+        if MASK_S:
+            d = tl.where(((t % NSB) * BLOCK_S + sr)[None, :] < S, d, 0.0)
+        m2 += tl.sum(tl.sum(d * d, 1), 0)
+    rstd = 1.0 / tl.sqrt(m2 / cnt + eps)
+    tl.store(MEAN + ng, mean)
+    tl.store(RSTD + ng, rstd)
+    for cb in tl.static_range(NCB):
+        c = cb * BLOCK_C + cr
+        scale, shift = _affine(W, B, g * CG + c, c < CG, mean, rstd, False)
+        for sb in tl.static_range(NSB):
+            s = sb * BLOCK_S + sr
+            ok = (c[:, None] < CG) & (s[None, :] < S)
+            _store_y(Y, ybase, c, s, syc, sys, xs[cb * NSB + sb] * scale + shift, ok, MASK_S, SILU)
 
 
 @triton.jit
@@ -164,10 +223,9 @@ def _dz_tile(X, DY, xbase, dybase, c, s, sxc, sxs, sdc, sds, CG, S, mean, rstd, 
 
 
 @triton.jit
-def _chunk_channel_sums(X, DY, xbase, dybase, sxc, sxs, sdc, sds, CG, S, s_lo, s_hi, mean, rstd, w, b,
+def _chunk_channel_sums(X, DY, xbase, dybase, c, sxc, sxs, sdc, sds, CG, S, s_lo, s_hi, mean, rstd, w, b,
                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, MASK_C: tl.constexpr,
                         MASK_S: tl.constexpr, SILU: tl.constexpr):
-    c = tl.arange(0, BLOCK_C)
     a = tl.zeros([BLOCK_C], dtype=tl.float32)
     bsum = tl.zeros([BLOCK_C], dtype=tl.float32)
     for s0 in range(s_lo, s_hi, BLOCK_S):
@@ -180,13 +238,26 @@ def _chunk_channel_sums(X, DY, xbase, dybase, sxc, sxs, sdc, sds, CG, S, s_lo, s
 
 
 @triton.jit
+def _load_wb(W, B, ch, ok, MASK_C: tl.constexpr):
+    if MASK_C:
+        w = tl.load(W + ch, mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(B + ch, mask=ok, other=0.0).to(tl.float32)
+    else:
+        w = tl.load(W + ch).to(tl.float32)
+        b = tl.load(B + ch).to(tl.float32)
+    return w, b
+
+
+@triton.jit
 def _gn_bwd(X, DY, W, B, MEAN, RSTD, AP, BP, DX,
             sxn, sxc, sxs, sdn, sdc, sds, sgn, sgc, sgs, C, G, CG, S, chunk,
             SPLIT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
             MASK_C: tl.constexpr, MASK_S: tl.constexpr, SILU: tl.constexpr, PHASE: tl.constexpr):
     """PHASE 0: per-channel partials A, B of this chunk -> AP, BP[(n*SPLIT + sp)*C + channel].
     PHASE 1: dx of this chunk from the group's merged partials.
-    PHASE 2 (SPLIT == 1): both in one program, the partials kept in registers (and stored for dw/db)."""
+    PHASE 2 (SPLIT == 1): both in one program (the partials also stored for dw/db).
+    Channels go in blocks of BLOCK_C (a divisor of CG when MASK_C is off); the group terms
+    sum_c w_c A_c and sum_c w_c B_c are accumulated over the blocks."""
     pid = tl.program_id(0)
     ng = pid // SPLIT
     sp = pid % SPLIT
@@ -198,65 +269,113 @@ def _gn_bwd(X, DY, W, B, MEAN, RSTD, AP, BP, DX,
     s_hi = tl.minimum(s_lo + chunk, S)
     mean = tl.load(MEAN + ng)
     rstd = tl.load(RSTD + ng)
-    c = tl.arange(0, BLOCK_C)
-    if MASK_C:
-        w = tl.load(W + g * CG + c, mask=c < CG, other=0.0).to(tl.float32)
-        b = tl.load(B + g * CG + c, mask=c < CG, other=0.0).to(tl.float32)
-    else:
-        w = tl.load(W + g * CG + c).to(tl.float32)
-        b = tl.load(B + g * CG + c).to(tl.float32)
-    part = (n_i * SPLIT + sp) * C + g * CG + c
-    if PHASE != 1:
-        a, bs = _chunk_channel_sums(X, DY, xbase, dybase, sxc, sxs, sdc, sds, CG, S, s_lo, s_hi, mean, rstd,
-                                    w, b, BLOCK_C, BLOCK_S, MASK_C, MASK_S, SILU)
-        if MASK_C:
-            tl.store(AP + part, a, mask=c < CG)
-            tl.store(BP + part, bs, mask=c < CG)
-        else:
-            tl.store(AP + part, a)
-            tl.store(BP + part, bs)
-    if PHASE != 0:
-        if PHASE == 1:   # merge this group's partials over the SPLIT chunks
+    cr = tl.arange(0, BLOCK_C)
+    wa = tl.full([], 0.0, tl.float32)     # sum_c w_c A_c over the group (this chunk's, or merged)
+    wb = tl.full([], 0.0, tl.float32)     # sum_c w_c B_c
+    for c0 in range(0, CG, BLOCK_C):
+        c = c0 + cr
+        w, b = _load_wb(W, B, g * CG + c, c < CG, MASK_C)
+        if PHASE != 1:
+            a, bs = _chunk_channel_sums(X, DY, xbase, dybase, c, sxc, sxs, sdc, sds, CG, S, s_lo, s_hi, mean,
+                                        rstd, w, b, BLOCK_C, BLOCK_S, MASK_C, MASK_S, SILU)
+            part = (n_i * SPLIT + sp) * C + g * CG + c
+            if MASK_C:
+                tl.store(AP + part, a, mask=c < CG)
+                tl.store(BP + part, bs, mask=c < CG)
+            else:
+                tl.store(AP + part, a)
+                tl.store(BP + part, bs)
+        else:            # merge this group's partials over the SPLIT chunks
             a = tl.zeros([BLOCK_C], dtype=tl.float32)
             bs = tl.zeros([BLOCK_C], dtype=tl.float32)
             for j in range(0, SPLIT):
                 p = (n_i * SPLIT + j) * C + g * CG + c
                 a += tl.load(AP + p, mask=c < CG, other=0.0)
                 bs += tl.load(BP + p, mask=c < CG, other=0.0)
+        wa += tl.sum(w * a, 0)
+        wb += tl.sum(w * bs, 0)
+    if PHASE != 0:
         inv = 1.0 / (CG * S)
-        mean_dxhat = tl.sum(w * bs, 0) * inv            # mean over the group of dxhat = dz * w
-        mean_dxhat_xhat = tl.sum(w * a, 0) * inv
+        mean_dxhat = wb * inv            # mean over the group of dxhat = dz * w
+        mean_dxhat_xhat = wa * inv
         gbase = n_i * sgn + (g * CG).to(tl.int64) * sgc
-        for s0 in range(s_lo, s_hi, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            xhat, dz, ok = _dz_tile(X, DY, xbase, dybase, c, s, sxc, sxs, sdc, sds, CG, S, mean, rstd, w, b,
-                                    MASK_C, MASK_S, SILU)
-            dx = rstd * (dz * w[:, None] - mean_dxhat - xhat * mean_dxhat_xhat)
-            ptrs = DX + gbase + c[:, None] * sgc + s[None, :] * sgs
-            if MASK_C or MASK_S:
-                tl.store(ptrs, dx.to(DX.dtype.element_ty), mask=ok)
-            else:
-                tl.store(ptrs, dx.to(DX.dtype.element_ty))
+        for c0 in range(0, CG, BLOCK_C):
+            c = c0 + cr
+            w, b = _load_wb(W, B, g * CG + c, c < CG, MASK_C)
+            for s0 in range(s_lo, s_hi, BLOCK_S):
+                s = s0 + tl.arange(0, BLOCK_S)
+                xhat, dz, ok = _dz_tile(X, DY, xbase, dybase, c, s, sxc, sxs, sdc, sds, CG, S, mean, rstd, w, b,
+                                        MASK_C, MASK_S, SILU)
+                dx = rstd * (dz * w[:, None] - mean_dxhat - xhat * mean_dxhat_xhat)
+                ptrs = DX + gbase + c[:, None] * sgc + s[None, :] * sgs
+                if MASK_C or MASK_S:
+                    tl.store(ptrs, dx.to(DX.dtype.element_ty), mask=ok)
+                else:
+                    tl.store(ptrs, dx.to(DX.dtype.element_ty))
 
 
 # ----------------------------------------------------------------------------- launchers
 
-TILE_ELEMENTS = 4096       # BLOCK_C * BLOCK_S per tile
-TARGET_PROGRAMS = 4 * 132  # split until about this many programs run (H100: 132 SMs)
+TILE_ELEMENTS = 4096       # BLOCK_C * BLOCK_S per tile (backward)
+FWD_TILE = 2048            # forward: at most this many elements per tile
+SPLIT_SMS = 2              # the forward splits a group's reduction while N*G < this many programs per SM
+SMS = 132                  # H100 / H200; the launcher asks the device when there is one
+ONEPASS_PER_THREAD = 64    # one-pass forward while the group needs at most this many registers a thread
 
 
 def plan(N, C, S, G, split=None, target=None):
-    """Tile sizes and split: (BLOCK_C, BLOCK_S, SPLIT, chunk, num_warps)."""
+    """Backward tile sizes and split: (BLOCK_C, BLOCK_S, SPLIT, chunk, num_warps)."""
     CG = C // G
-    bc = triton.next_power_of_2(CG)
-    bs = max(16, min(triton.next_power_of_2(S), TILE_ELEMENTS // bc))
+    bs = max(16, min(triton.next_power_of_2(S), TILE_ELEMENTS))
     if split is None:
-        target = target or TARGET_PROGRAMS
-        split = max(1, min(triton.cdiv(target, N * G), triton.cdiv(S, 4 * bs), 64))
+        target = target or 4 * SMS
+        split = max(1, min(triton.cdiv(target, N * G), triton.cdiv(S, 4 * 256), 64))
+    if split > 1:   # the forward's split: tiles no longer than a chunk
+        bs = min(bs, max(16, triton.next_power_of_2(triton.cdiv(S, split))))
+    bc = min(pow2_divisor(CG), max(1, TILE_ELEMENTS // bs))    # divides C/G: no padded channel lanes
     chunk = triton.cdiv(triton.cdiv(S, split), bs) * bs   # a whole number of tiles per chunk
     split = triton.cdiv(S, chunk)
-    warps = 4 if bc * bs <= 2048 else 8
+    warps = max(1, min(8, bc * bs // 512))                # >= 4 elements a lane
     return bc, bs, split, chunk, warps
+
+
+def pow2_divisor(n: int) -> int:
+    return n & -n
+
+
+def fwd_plan(N, C, S, G, split=None, sms=SMS):
+    """Forward tiles: dict(BLOCK_C, BLOCK_S, SPLIT, chunk, num_warps, onepass).
+
+    No idle lanes: BLOCK_C is the largest power of two dividing C/G (SD1.5's 10/20/30/40/60 channels
+    per group -> 2/4/2/8/4), never a padded next_pow2(C/G); BLOCK_S a power of two up to S, so a
+    tile is only masked at the end of a non-power-of-two S. Split: while N*G < SPLIT_SMS * sms,
+    each group's positions are cut in SPLIT chunks. One pass (the group held in registers, read once)
+    when there is no split and the group needs <= ONEPASS_PER_THREAD fp32 registers a thread."""
+    CG = C // G
+    bs = min(triton.next_power_of_2(S), FWD_TILE)
+    if split is None:
+        split = 1
+        if N * G < SPLIT_SMS * sms:   # chunks of >= 1 tile of >= 64 positions
+            want = triton.cdiv(SPLIT_SMS * sms, N * G)
+            bs = min(bs, max(64, 1 << (triton.cdiv(S, want).bit_length() - 1)))
+            split = max(1, min(want, triton.cdiv(S, bs), 64))
+    else:   # forced (tests): tiles small enough that the chunks come out about as asked
+        bs = min(bs, max(16, triton.next_power_of_2(triton.cdiv(S, split)) // 2))
+    bc = min(pow2_divisor(CG), max(1, FWD_TILE // bs))
+    if split == 1:
+        chunk = triton.cdiv(S, bs) * bs
+    else:
+        chunk = max(bs, triton.cdiv(S, split) // bs * bs)  # whole tiles, rounded down: >= split chunks
+    split = triton.cdiv(S, chunk)
+    warps = max(1, min(8, bc * bs // 256))                  # 8 elements (16 bytes in bf16) a thread a tile
+    group = CG * triton.cdiv(S, bs) * bs
+    if split == 1:   # more warps (up to 16) until the group fits in registers
+        while group > ONEPASS_PER_THREAD * 32 * warps and warps < 16:
+            warps *= 2
+    onepass = split == 1 and group <= ONEPASS_PER_THREAD * 32 * warps
+    if not onepass:
+        warps = max(1, min(8, bc * bs // 256))
+    return dict(BLOCK_C=bc, BLOCK_S=bs, SPLIT=split, chunk=chunk, num_warps=warps, onepass=onepass)
 
 
 def _flat(x):
@@ -268,29 +387,36 @@ def _flat(x):
         return x.contiguous().view(N, C, -1)
 
 
-def _target():
+def _sms():
     if torch.cuda.is_available():
-        return 4 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    return TARGET_PROGRAMS
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return SMS
 
 
 def gn_fwd(x, weight, bias, G, eps, silu, split=None):
     N, C = x.shape[:2]
+    CG = C // G
     x3 = _flat(x)
     S = x3.shape[2]
-    bc, bs, split, chunk, warps = plan(N, C, S, G, split, _target())
+    p = fwd_plan(N, C, S, G, split, _sms())
+    bc, bs, split, chunk, warps = p["BLOCK_C"], p["BLOCK_S"], p["SPLIT"], p["chunk"], p["num_warps"]
     y = empty_like(x)   # x's memory format (contiguous or channels-last)
     y3 = _flat(y)
     mean = empty((N * G,), x, torch.float32)
     rstd = empty((N * G,), x, torch.float32)
-    flags = dict(BLOCK_C=bc, BLOCK_S=bs, MASK_C=bc != C // G, MASK_S=S % bs != 0, num_warps=warps)
+    if p["onepass"]:
+        _gn_fwd_onepass[(N * G,)](x3, weight, bias, y3, mean, rstd, *x3.stride(), *y3.stride(), G, CG, S, eps,
+                                  NCB=CG // bc, NSB=triton.cdiv(S, bs), BLOCK_C=bc, BLOCK_S=bs,
+                                  MASK_S=S % bs != 0, SILU=silu, num_warps=warps)
+        return y, mean, rstd, 1
+    flags = dict(BLOCK_C=bc, BLOCK_S=bs, MASK_C=False, MASK_S=S % bs != 0, num_warps=warps)
     if split > 1:
         mp, m2p, cp = (empty((N * G * split,), x, torch.float32) for _ in range(3))
-        _gn_stats[(N * G * split,)](x3, mp, m2p, cp, *x3.stride(), G, C // G, S, chunk, SPLIT=split, **flags)
+        _gn_stats[(N * G * split,)](x3, mp, m2p, cp, *x3.stride(), G, CG, S, chunk, SPLIT=split, **flags)
     else:
         mp = m2p = cp = mean
     _gn_fwd[(N * G * split,)](x3, weight, bias, y3, mp, m2p, cp, mean, rstd, *x3.stride(), *y3.stride(),
-                              G, C // G, S, chunk, eps, SPLIT=split, BLOCK_SPLIT=triton.next_power_of_2(split),
+                              G, CG, S, chunk, eps, SPLIT=split, BLOCK_SPLIT=triton.next_power_of_2(split),
                               SILU=silu, **flags)
     return y, mean, rstd, split
 
@@ -304,7 +430,7 @@ def gn_bwd(x, dy, weight, bias, mean, rstd, G, silu, split):
     dx3 = _flat(dx)
     ap = empty((N, split, C), x, torch.float32)
     bp = empty((N, split, C), x, torch.float32)
-    flags = dict(BLOCK_C=bc, BLOCK_S=bs, MASK_C=bc != C // G, MASK_S=S % bs != 0, SILU=silu, num_warps=warps)
+    flags = dict(BLOCK_C=bc, BLOCK_S=bs, MASK_C=(C // G) % bc != 0, MASK_S=S % bs != 0, SILU=silu, num_warps=warps)
     args = (x3, dy3, weight, bias, mean, rstd, ap, bp, dx3, *x3.stride(), *dy3.stride(), *dx3.stride(),
             C, G, C // G, S, chunk)
     grid = (N * G * split,)

@@ -72,7 +72,7 @@ def test_large_offset_variance_is_stable():
 def test_plan_splits_small_batches():
     from kernels.group_norm import plan
     bc, bs, split, chunk, warps = plan(1, 320, 64 * 64, 32, target=528)
-    assert bc == 16 and split > 1 and chunk % bs == 0 and split * chunk >= 64 * 64
+    assert bc == 2 and split > 1 and chunk % bs == 0 and split * chunk >= 64 * 64   # 2 divides C/G = 10
     assert plan(64, 320, 64 * 64, 32, target=528)[2] == 1   # N*G = 2048 programs: no split
 
 
@@ -109,3 +109,34 @@ def test_matches_eager_on_gpu(C, hw):
     ref = torch.nn.functional.silu(torch.nn.functional.group_norm(x.float(), 32, w, b)).to(x.dtype)
     assert (group_norm_silu(x, w, b, 32).float() - ref.float()).abs().max().item() < 5e-2
     assert DEVICE == "cuda"
+
+
+def test_forward_plan_no_idle_lanes_one_pass_and_split():
+    """SD1.5 widths: the channel block divides C/G (no padded lanes), the group is read once,
+    and a batch too small to fill the GPU splits each group's reduction."""
+    from kernels.group_norm import fwd_plan
+    for C, hw in ((320, 32), (640, 16), (1280, 8), (1280, 4), (960, 32), (1920, 16)):
+        p = fwd_plan(32, C, hw * hw, 32, sms=132)
+        assert (C // 32) % p["BLOCK_C"] == 0 and hw * hw % p["BLOCK_S"] == 0, (C, hw, p)
+        assert p["onepass"] and p["SPLIT"] == 1, (C, hw, p)
+        assert p["BLOCK_C"] * p["BLOCK_S"] >= 4 * 32 * p["num_warps"], (C, hw, p)   # >= 4 elements a lane
+    p = fwd_plan(2, 320, 32 * 32, 32, sms=132)       # N*G = 64 programs < 2 per SM
+    assert p["SPLIT"] > 1 and not p["onepass"] and 2 * 32 * p["SPLIT"] >= 2 * 132
+
+
+@pytest.mark.parametrize("tile,per_thread", [(16, 64), (64, 0)])
+def test_one_pass_many_tiles_and_looped_fallback(monkeypatch, tile, per_thread):
+    """(16, 64): the one-pass kernel over several position tiles a channel block (and a masked last
+    one); (64, 0): a group too large for registers takes the looped two-read kernel."""
+    import kernels.group_norm as gn
+    monkeypatch.setattr(gn, "FWD_TILE", tile)
+    monkeypatch.setattr(gn, "ONEPASS_PER_THREAD", per_thread)
+    monkeypatch.setattr(gn, "SMS", 1)                 # N*G >= 2 fills "the GPU": no split
+    p = gn.fwd_plan(2, 4, 37, 2, sms=1)
+    assert p["onepass"] == (per_thread > 0) and p["SPLIT"] == 1 and 37 % p["BLOCK_S"] != 0
+    run_case(2, 4, (37,), 2, torch.bfloat16, silu=per_thread > 0)
+
+
+def test_split_with_several_channel_blocks():
+    """C/G = 6: channel blocks of 2 in the split forward and in both backward phases."""
+    run_case(1, 12, (5, 7), 2, torch.bfloat16, split=2)
