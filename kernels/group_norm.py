@@ -14,7 +14,8 @@ power of two dividing C/G (SD1.5's 10/20/30/40/60 -> 2/4/2/8/4): no lane holds a
     one pass:    one program per group holds all its tiles in registers (a tuple, unrolled), so x is
                  read from memory once: mean, then the sum of squared deviations from the registers,
                  then normalise and write. Taken when there is no split and the group needs at most
-                 ONEPASS_PER_THREAD fp32 registers a thread (every sd15 shape at 256^2);
+                 ONEPASS_PER_THREAD fp32 registers a thread at <= 8 warps, so 2 CTAs fit an SM
+                 (every sd15 shape at 256^2 but C=960 at 32x32, whose 30,720 values would need 16);
     SPLIT == 1:  a group too large for that: one program loops over its tiles twice (statistics by
                  Chan's merge of tile moments, then normalise; the second read mostly hits L2);
     SPLIT > 1:   when N*G < SPLIT_SMS programs per SM, `_gn_stats` writes per-chunk (mean, M2, count)
@@ -369,8 +370,8 @@ def fwd_plan(N, C, S, G, split=None, sms=SMS):
     split = triton.cdiv(S, chunk)
     warps = max(1, min(8, bc * bs // 256))                  # 8 elements (16 bytes in bf16) a thread a tile
     group = CG * triton.cdiv(S, bs) * bs
-    if split == 1:   # more warps (up to 16) until the group fits in registers
-        while group > ONEPASS_PER_THREAD * 32 * warps and warps < 16:
+    if split == 1:   # more warps (up to 8: two CTAs still fit an SM) until the group fits in registers
+        while group > ONEPASS_PER_THREAD * 32 * warps and warps < 8:
             warps *= 2
     onepass = split == 1 and group <= ONEPASS_PER_THREAD * 32 * warps
     if not onepass:

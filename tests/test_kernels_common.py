@@ -184,7 +184,7 @@ def test_offline_compile_sm90_sm80(tmp_path):
             scalar = x["global_loads"].get("2B", 0)
             assert scalar <= (4 if x["module"] == "dual_cross" and x["kernel"] != "attn_bwd_dkdv" else 0), \
                 f"{name}: {scalar} scalar 2-byte global loads"
-        if x["kernel"].endswith("_fwd"):
+        if "_fwd" in x["kernel"]:                        # _gn_fwd_onepass too
             assert x["ctas_per_sm"] >= 2, f"{name}: {x['ctas_per_sm']} CTA/SM ({x['n_regs']} registers, {x['shared']} B smem)"
 
 

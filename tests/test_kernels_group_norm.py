@@ -118,7 +118,8 @@ def test_forward_plan_no_idle_lanes_one_pass_and_split():
     for C, hw in ((320, 32), (640, 16), (1280, 8), (1280, 4), (960, 32), (1920, 16)):
         p = fwd_plan(32, C, hw * hw, 32, sms=132)
         assert (C // 32) % p["BLOCK_C"] == 0 and hw * hw % p["BLOCK_S"] == 0, (C, hw, p)
-        assert p["onepass"] and p["SPLIT"] == 1, (C, hw, p)
+        # one read of x, except C=960 at 32x32: 30,720 values need 16 warps, 1 CTA/SM; the looped kernel
+        assert p["onepass"] == ((C, hw) != (960, 32)) and p["SPLIT"] == 1 and p["num_warps"] <= 8, (C, hw, p)
         assert p["BLOCK_C"] * p["BLOCK_S"] >= 4 * 32 * p["num_warps"], (C, hw, p)   # >= 4 elements a lane
     p = fwd_plan(2, 320, 32 * 32, 32, sms=132)       # N*G = 64 programs < 2 per SM
     assert p["SPLIT"] > 1 and not p["onepass"] and 2 * 32 * p["SPLIT"] >= 2 * 132
