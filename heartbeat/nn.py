@@ -15,14 +15,15 @@ weights re-lays its weights on every call (an aten::copy_ inside aten::_convolut
 SD1.5's widest); a conv whose input and weight agree copies nothing. Layout changes happen only where
 a module turns pixels into tokens and back (SpatialTransformer, the VAE's AttnBlock), and there they
 go through as_layout on purpose; tests/test_memory_format.py checks that a forward makes no weight copies.
-Why NCHW: on the CPU (fp32, oneDNN) channels-last end to end was not clearly faster for the sd15
-UNet (the measurement: docs/ARCHITECTURE.md §Tensors: a gain in wall time, little or none in process
-CPU time, on a loaded machine), and NCHW is what checkpoints, safetensors, FSDP shards and the
-diffusers reference hold, so nothing is converted anywhere. On a GPU in bf16,
-channels-last convs are usually faster (cuDNN's tensor-core kernels work in NHWC and transpose NCHW
-around them); that is expected, not measured here (`tools/bench_e2e.py --memory_format=channels_last`
-measures it). To switch, set MEMORY_FORMAT = torch.channels_last: UNet and AutoencoderKL convert their
-weights once at construction and their inputs on entry, and the token reshapes become free views.
+Why NCHW, for now: it is what checkpoints, safetensors, FSDP shards and the diffusers reference hold, so
+nothing is converted anywhere. Channels-last is the likely better default: on the CPU (fp32, oneDNN) it
+ran the sd15 UNet faster in the latest side-by-side runs (docs/ARCHITECTURE.md §Tensors), but the
+training paths (FSDP2 shards, resume, EMA) have not been run under it, so it is not the default yet. On
+a GPU in bf16, channels-last convs are usually faster (cuDNN's tensor-core kernels work in NHWC and
+transpose NCHW around them); that is expected, not measured here (`tools/bench_e2e.py
+--memory_format=channels_last` measures it). To switch, set MEMORY_FORMAT = torch.channels_last: UNet
+and AutoencoderKL convert their weights once at construction and their inputs on entry, and the token
+reshapes become free views.
 """
 from __future__ import annotations
 
