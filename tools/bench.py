@@ -12,6 +12,8 @@ percentage of the ceiling and the ratio to the best baseline (best baseline time
 --e2e: the sd15 video UNet (heartbeat/unet.py) training step (16 frames, 256x256, batch 1, bf16
 autocast, AdamW on the temporal parameters; triton / sdpa, with and without gradient checkpointing)
 and a guided 50-step DDIM clip, with peak memory: tools/gpu_check.py's e2e and clip sections.
+--reference [tools/bench_e2e.py options]: our UNet beside diffusers' UNet2DConditionModel on the same
+weights, forward and forward+backward, interleaved (CPU or GPU; tools/bench_e2e.py does it).
 --write-dispatch: record which kernels beat the best baseline on this GPU in kernels/dispatch.json.
 Output: our rows only (with the ratio to the best baseline); --verbose prints every baseline row.
 
@@ -425,7 +427,14 @@ def dry_run_shapes():
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--reference" in argv:                       # ours against diffusers' UNet: its own tool and options
+        from tools import bench_e2e
+        bench_e2e.main([a for a in argv if a != "--reference"])
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reference", action="store_true",
+                    help="our UNet beside diffusers' on the same weights (tools/bench_e2e.py; CPU or GPU)")
     ap.add_argument("--kernels", action="store_true", help="kernel tables (default when no flag)")
     ap.add_argument("--e2e", action="store_true", help="sd15 video UNet training step and 50-step DDIM")
     ap.add_argument("--json", help="write the environment and every row here")
