@@ -108,7 +108,6 @@ def lcd_loss(student_fn, teacher_fn, z0: torch.Tensor, schedule: Schedule, g: to
     """Equations (1)-(4) for one batch. student_fn(z, t) -> the student's prediction (its scales g and
     contexts bound); teacher_fn(z, t) -> the teacher's (2 + n, B, ...) predictions over teacher_sets.
     Draws, per example from its generator, the timestep then the noise. Returns (loss, info)."""
-    B = z0.shape[0]
     t, s = draw_timesteps(generators, schedule.num_timesteps, skip, device=z0.device)
     noise = noise_like(z0.shape, generators, device=z0.device, dtype=z0.dtype)
     z_t = schedule.q_sample(z0, t, noise)

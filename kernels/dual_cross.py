@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BWD_CANDIDATES, DTYPES, FWD_CANDIDATES, LOG2E, attn_bwd_dkdv, branch_fwd, bucket, bwd_blocks,
+from ._common import (BWD_CANDIDATES, FWD_CANDIDATES, LOG2E, attn_bwd_dkdv, branch_fwd, bucket, bwd_blocks,
                       bwd_config, check_qkv, dq_loop, empty, fwd_config, head_block, head_flags, load_rows, p_dp_tile,
                       precision, store_rows, stride_unit, strides, tuned_config)
 from .tuning import pow2_bucket
