@@ -265,7 +265,9 @@ def test_stochastic_samplers_match_gaussian_moments(sampler, eta):
     assert errs[100] < 0.07 and errs[100] < errs[10] / 2, errs
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
+# the teacher samplers: lcm expects a consistency function (a sample), not this exact posterior mean,
+# so on a Gaussian it is under-dispersed by design; the student's sampler is tested in test_distill.py
+@pytest.mark.parametrize("sampler", [s for s in SAMPLERS if s != "lcm"])
 def test_zero_terminal_snr_v_prediction_from_pure_noise(sampler):
     sched = Schedule.make("scaled_linear", zero_terminal_snr=True)
     x_T, a = gaussian_x_T(sched, 999, 20000, seed=3)
