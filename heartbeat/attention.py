@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .config import ATTN_BACKENDS
 
-_SDPA_MAX_BATCH = 32768  # CUDA grids limit batch*heads in some SDPA kernels: chunk above this
+_SDPA_MAX_GRID = 32768   # CUDA grid y/z limits: SDPA kernels put batch and heads there; chunk above this
 _ENV_BACKEND = os.environ.get("HEARTBEAT_ATTN_BACKEND", "")
 _LOWP = (torch.float16, torch.bfloat16)
 _MAX_FRAMES = 64          # the temporal kernel's limit (kernels/temporal.py MAX_FRAMES)
@@ -91,9 +91,10 @@ def attention_math(q, k, v, scale=None):
 
 
 def _sdpa(q, k, v, scale=None):
-    if q.shape[0] > _SDPA_MAX_BATCH and q.is_cuda:
-        return torch.cat([_sdpa(*(t[i:i + _SDPA_MAX_BATCH] for t in (q, k, v)), scale=scale)
-                          for i in range(0, q.shape[0], _SDPA_MAX_BATCH)])
+    for dim in (0, 2):   # batch, heads (the temporal layers' heads are pixels x heads)
+        if q.shape[dim] > _SDPA_MAX_GRID and q.is_cuda:
+            return torch.cat([_sdpa(*(t.narrow(dim, i, min(_SDPA_MAX_GRID, q.shape[dim] - i)) for t in (q, k, v)),
+                                    scale=scale) for i in range(0, q.shape[dim], _SDPA_MAX_GRID)], dim=dim)
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
     return o.transpose(1, 2)
 
@@ -113,7 +114,8 @@ def attention(q, k, v, scale=None, backend: str = "auto"):
 
 
 def temporal_attention(q, k, v, scale=None, backend: str = "auto"):
-    """Attention along frames. q/k/v (N, F, H, D), N = B*h*w, possibly strided views. -> (N, F, H, D)."""
+    """Attention along frames. q/k/v (N, F, H, D), possibly strided views -> (N, F, H, D). The UNet
+    passes N = B clips and H = h*w*heads (TemporalAttention); the kernel also takes (B, S, F, H, D)."""
     backend = resolve_backend(backend)
     if backend == "triton" or (backend == "auto" and q.shape[-3] <= _MAX_FRAMES and _auto(
             "temporal_attention", q, q.shape[-1], _grad(q, k, v), q.shape[-3])):
@@ -245,12 +247,15 @@ def _frame_table(n: int, dim: int) -> torch.Tensor:
 
 
 class TemporalAttention(nn.Module):
-    """Self-attention along frames, one sequence per pixel (stage 2's `attn_temporal`).
+    """Self-attention along frames, one sequence per pixel and head (stage 2's `attn_temporal`).
 
-    Input: the LayerNorm'd tokens already in (B, L, F, dim) order (L = h*w pixels); the frame-position
-    embedding `pos_emb` (learned, initialised sinusoidal, max_frames rows) is added to the input of
-    q and k only. Output (B, L, F, dim); to_out.0 starts at zero, so a new layer adds nothing.
-    q/k/v reach the dispatcher as (B*L, F, heads, head_dim) views of the projections (no copies).
+    x (B, F, L, dim) -> (B, F, L, dim), L = h*w pixels: the LayerNorm'd tokens in the order the
+    spatial layers leave them (frames-as-batch), so nothing is transposed or copied around the layer.
+    The frame-position embedding `pos_emb` (learned, initialised sinusoidal, max_frames rows) is added
+    to the input of q and k only; to_out.0 starts at zero, so a new layer adds nothing.
+    q/k/v reach the dispatcher as (B, F, L*heads, head_dim) views of the projections: every
+    (pixel, head) pair is one "head" of a batch of B clips, with the frames as the sequence, a layout
+    the Triton kernel, SDPA and xformers all read through its strides (docs/ARCHITECTURE.md, "Tensors").
     """
 
     def __init__(self, dim: int, heads: int, max_frames: int, backend: str = "auto"):
@@ -267,14 +272,14 @@ class TemporalAttention(nn.Module):
         nn.init.zeros_(self.to_out[0].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, L, F_, C = x.shape
+        B, F_, L, C = x.shape
         if F_ > self.pos_emb.shape[0]:
             raise ValueError(f"temporal attention got {F_} frames but max_frames={self.pos_emb.shape[0]}; "
                              "raise --max_frames")
-        h, d = self.heads, C // self.heads
-        xp = x + self.pos_emb[:F_].to(x.dtype)  # positions on q/k only
-        q = self.to_q(xp).view(B * L, F_, h, d)  # (B*L, F, heads, head_dim): pixels become batch
-        k = self.to_k(xp).view(B * L, F_, h, d)
-        v = self.to_v(x).view(B * L, F_, h, d)
+        hd, d = L * self.heads, C // self.heads
+        xp = x + self.pos_emb[:F_, None].to(x.dtype)  # positions on q/k only
+        q = self.to_q(xp).view(B, F_, hd, d)  # (B, F, L*heads, head_dim): free views of the projections
+        k = self.to_k(xp).view(B, F_, hd, d)
+        v = self.to_v(x).view(B, F_, hd, d)
         o = temporal_attention(q, k, v, backend=self.backend)
-        return self.to_out(o.reshape(B, L, F_, C))
+        return self.to_out(o.reshape(B, F_, L, C))

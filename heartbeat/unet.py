@@ -99,9 +99,8 @@ class BasicTransformerBlock(nn.Module):
             x = self.attn2(self.norm2(x), text, image) + x
         if self.attn_temporal is not None:
             N, L, C = x.shape
-            xv = x.view(N // frames, frames, L, C)  # (B, F, L, C)
-            o = self.attn_temporal(self.norm_temporal(xv.transpose(1, 2)))  # LayerNorm writes (B, L, F, C)
-            x = (xv + o.transpose(1, 2)).view(N, L, C)  # back to frames-as-batch
+            xv = x.view(N // frames, frames, L, C)  # (B, F, L, C): the tokens as they lie, no copy
+            x = (xv + self.attn_temporal(self.norm_temporal(xv))).view(N, L, C)
         return self.ff(self.norm3(x)) + x
 
 

@@ -128,11 +128,12 @@ def _cases_sd15():
                     lambda q=q, kt=kt, vt=vt, ki=ki, vi=vi: dual_cross.dual_fwd(q, kt, vt, q, ki, vi, 0.1)))
         out.append(("dual_cross", f"L={L} D={D} Lt={Lt} Li={Li}", D, lambda q=q, kt=kt, vt=vt, ki=ki, vi=vi, lse2=lse2,
                     do=do: dual_cross.dual_bwd(q, kt, vt, q, ki, vi, lse2, do, 0.1, True)))
-        # temporal: the UNet's (B*h*w, F, heads, head_dim) views of its projections
-        N, Fr = 2 * L, 16
-        tq, tk, tv, tdo = (e(N, Fr, H * D, dtype=bf).view(N, Fr, H, D) for _ in range(4))
-        out.append(("temporal", f"N={N} F={Fr} D={D}", D, lambda q=tq, k=tk, v=tv: temporal.temporal_fwd(q, k, v, 0.1)))
-        out.append(("temporal", f"N={N} F={Fr} D={D}", D,
+        # temporal: the UNet's (B, F, h*w*heads, head_dim) views of its projections (TemporalAttention)
+        Bc, Fr = 2, 16
+        tq, tk, tv, tdo = (e(Bc, Fr, L * H * D, dtype=bf).view(Bc, Fr, L * H, D) for _ in range(4))
+        out.append(("temporal", f"B={Bc} F={Fr} L={L} D={D}", D,
+                    lambda q=tq, k=tk, v=tv: temporal.temporal_fwd(q, k, v, 0.1)))
+        out.append(("temporal", f"B={Bc} F={Fr} L={L} D={D}", D,
                     lambda q=tq, k=tk, v=tv, do=tdo: temporal.temporal_bwd(q, k, v, do, 0.1)))
     for C, hw in ((320, 32), (640, 16), (1280, 8), (1280, 4), (960, 32), (1920, 16)):   # GroupNorm32, 32 frames
         x = e(32, C, hw, hw, dtype=bf)

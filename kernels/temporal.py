@@ -8,13 +8,15 @@
 Supported: CUDA tensors (or CPU under TRITON_INTERPRET=1); fp32 / fp16 / bf16; 1 <= F <= 64;
 1 <= D <= 256 (split into power-of-two pieces as in kernels/_common.py: 40 = 32 + 16, 80 = 64 + 16,
 160 = 128 + 32); any number of sequences (the grid is one-dimensional, well past 65,535); any
-strides: the UNet's q/k/v are views of a (B, F, h*w, C) projection, read through their strides,
-never copied. The output is allocated dense in q's own dimension order, so a caller that views q
-out of (B, F, h*w, C) gets o laid out as (B, F, h*w, C) too and can view it back for free.
+strides. The UNet's q/k/v (heartbeat/attention.py TemporalAttention) are (B, F, h*w*heads, D) views of
+its (B, F, h*w, C) projections: N = B clips, and every (pixel, head) pair one of the H "heads", so
+they are read in place, never copied. The output is allocated dense in q's own dimension order, so
+a caller that views q out of (B, F, h*w, C) gets o laid out as (B, F, h*w, C) too and views it back
+for free.
 
 How: sequences are short, so one program packs G = ROWS / F_pad whole sequences (F_pad = F rounded
 up to a power of two) into one ROWS x D tile, consecutive (n, h) pairs, which for the UNet's layout
-are adjacent in memory. It computes the ROWS x ROWS score tile with one dot and masks it to its
+are adjacent in memory (one frame of G heads is G*D contiguous elements; frames are h*w*C apart). It computes the ROWS x ROWS score tile with one dot and masks it to its
 block diagonal (a query sees only the frames of its own sequence), so the softmax is exact in a
 single pass (no online rescaling, no loop). The block diagonal wastes ROWS / F_pad of the dot's
 FLOPs, which is cheap next to the memory traffic this kernel is bound by. Backward recomputes P in

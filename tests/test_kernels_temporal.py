@@ -1,4 +1,4 @@
-"""kernels/temporal.py: attention along frames on (N, F, H, D) strided views, vs float64."""
+"""kernels/temporal.py: attention along frames on (N, F, H, D) and (B, S, F, H, D) views, vs float64."""
 import os
 
 import pytest
@@ -12,9 +12,9 @@ def _runnable():
     need_runnable()
 
 
-def unet_views(B, F, hw, H, D, dtype, gen):
-    """q, k, v as the UNet makes them: one (B, F, h*w, 3*C) projection, viewed per head as
-    (B, h*w, F, H, D) without a copy; for B == 1 also flattened to (N = h*w, F, H, D)."""
+def strided_views(B, F, hw, H, D, dtype, gen):
+    """q, k, v as per-head views of one fused (B, F, h*w, 3*C) projection, (B, h*w, F, H, D) without
+    a copy (no stride order a 4-D view can flatten when B > 1); for B == 1 also (N = h*w, F, H, D)."""
     C = H * D
     qkv = rand(B, F, hw, 3 * C, dtype=dtype, gen=gen)
     views = [qkv[..., i * C:(i + 1) * C].unflatten(-1, (H, D)).transpose(1, 2) for i in range(3)]
@@ -28,8 +28,11 @@ def run_case(N, F, H, D, dtype, layout="contiguous", scale=None, seed=0, B=1):
     g = torch.Generator().manual_seed(seed)
     if layout == "contiguous":
         q, k, v = (rand(N, F, H, D, dtype=dtype, gen=g) for _ in range(3))
-    else:  # "unet": strided views of one projection; 5-D when B > 1
-        q, k, v = unet_views(B, F, N, H, D, dtype, g)
+    elif layout == "unet":  # heartbeat/attention.py TemporalAttention: (B, F, h*w*heads, D) views of
+        C = H * D           # three (B, F, h*w, C) projections; N = h*w pixels here
+        q, k, v = (rand(B, F, N, C, dtype=dtype, gen=g).view(B, F, N * H, D) for _ in range(3))
+    else:  # "strided": per-head views of one fused projection; 5-D when B > 1
+        q, k, v = strided_views(B, F, N, H, D, dtype, g)
         assert not q.is_contiguous()
     do = rand(*q.shape, dtype=dtype, gen=g)
     qt, kt, vt = leaf(q), leaf(k), leaf(v)
@@ -59,17 +62,26 @@ def test_sweep(F, D, dtype):
     run_case(5, F, 2, D, dtype)   # 10 sequences: the last tile is partly empty for every F
 
 
+@pytest.mark.parametrize("F", [7, 16])
+@pytest.mark.parametrize("D", [40, 80, 160])
+def test_unet_layout(F, D):
+    """The UNet's views: 2 clips, 9 pixels x 2 heads as the heads, frames h*w*C apart. The output is
+    (B, F, h*w*heads, D) dense, so TemporalAttention views it back to (B, F, h*w, C) for free."""
+    o = run_case(9, F, 2, D, torch.bfloat16, layout="unet", B=2)
+    assert o.shape == (2, F, 18, D) and o.is_contiguous()
+
+
 @pytest.mark.parametrize("F", [1, 7, 16])
 @pytest.mark.parametrize("D", [40, 80])
-def test_unet_strided_views(F, D):
-    o = run_case(9, F, 2, D, torch.bfloat16, layout="unet")
+def test_strided_views(F, D):
+    o = run_case(9, F, 2, D, torch.bfloat16, layout="strided")
     # the output is dense in q's own dimension order: (h*w, F, H, D) stored as (F, h*w, H, D)
     assert o.stride(1) > o.stride(0) > o.stride(2) > o.stride(3) == 1
 
 
 def test_five_dim_batch_views():
     """B > 1: (B, h*w, F, H, D) views that no 4-D view can express without a copy."""
-    run_case(6, 7, 2, 40, torch.float16, layout="unet", B=3)
+    run_case(6, 7, 2, 40, torch.float16, layout="strided", B=3)
 
 
 def test_frames_64_and_odd():
@@ -129,7 +141,8 @@ def test_launcher_checks():
 def test_matches_sdpa_on_gpu():
     import torch.nn.functional as F
     from kernels.temporal import temporal_attention
-    q, k, v = unet_views(1, 16, 4096, 8, 40, torch.bfloat16, None)
+    # the UNet's views at the 64x64-latent level: 2 clips, 4096 pixels x 8 heads, 16 frames
+    q, k, v = (rand(2, 16, 4096 * 8 * 40, dtype=torch.bfloat16).view(2, 16, 4096 * 8, 40) for _ in range(3))
     o = temporal_attention(q, k, v)
     ref = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
     assert (o.float() - ref.float()).abs().max().item() < 2e-2

@@ -107,3 +107,48 @@ def test_vae_forward_makes_no_weight_copies(policy):
     assert n > 10
     assert not off, f"convs off the memory format {heartbeat.nn.MEMORY_FORMAT}: " + "; ".join(off[:5])
     assert copies == 0, f"{copies} weight copies inside convolutions (re-laid per call)"
+
+
+def test_temporal_layer_makes_no_copies(monkeypatch):
+    """norm_temporal and attn_temporal run on the (B, F, h*w, C) tokens as the spatial layers leave
+    them (docs/ARCHITECTURE.md §Tensors): from norm_temporal's input to attn_temporal's output no
+    aten::copy_ / clone runs outside the attention op itself, and the attention gets views of the
+    projections. (Before, norm_temporal got a (B, h*w, F, C) transpose, which LayerNorm copied.)"""
+    import heartbeat.attention as A
+    from torch.autograd.profiler import record_function
+    from heartbeat.unet import BasicTransformerBlock
+
+    got = []
+
+    real = A.temporal_attention
+
+    def op(q, k, v, scale=None, backend="auto"):   # the dispatcher: its internals do not count
+        got.append(q)
+        with record_function("attention_op"):
+            return real(q, k, v, scale, backend)
+    monkeypatch.setattr(A, "temporal_attention", op)
+    torch.manual_seed(0)
+    blk = BasicTransformerBlock(16, 2, 8, backend="sdpa")   # SDPA returns (B, F, H, D) dense: o views back
+    blk.add_temporal(8)
+    region = []
+    blk.norm_temporal.register_forward_pre_hook(lambda m, a: region.append(record_function("temporal").__enter__()))
+    blk.attn_temporal.register_forward_hook(lambda m, a, o: region.pop().__exit__(None, None, None))
+    B, F, L = 2, 4, 6
+    x = torch.randn(B * F, L, 16)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        blk(x, frames=F)
+    copies, inside = [], 0
+    for e in prof.events():
+        chain, p = [], e.cpu_parent
+        while p is not None:
+            chain.append(p.name)
+            p = p.cpu_parent
+        if "temporal" in chain and "attention_op" not in chain and e.name != "attention_op":
+            inside += 1
+            if e.name in ("aten::copy_", "aten::clone", "aten::contiguous") and chain[0] != "aten::addmm":
+                # (addmm starts its output as a copy of the bias: a Linear's own write, not a layout copy)
+                copies.append(" < ".join([e.name] + chain))
+    assert inside >= 5    # the region saw the layer's ops (norm, projections, add): the test can fail
+    assert not copies, "copies around the temporal layer: " + "; ".join(copies[:3])
+    q = got[0]
+    assert q.shape == (B, F, L * 2, 8) and q._base is not None   # a view of the projection, not a copy

@@ -44,7 +44,7 @@ def chain(data, tmp_path_factory):
     vae = out / "000-vae-tiny"
     run("--stage=pretrain", *common, f"--data={data / 'echo'}", "--max_steps=6", f"--vae={vae}")
     run("--stage=finetune", *TINY, f"--out={out}", "--batch_size=2", "--ckpt_every=3",
-        f"--data={data / 'echo'}", "--max_steps=3")
+        f"--data={data / 'echo'}", "--max_steps=3", "--sample_every=2")   # a preview at step 2
     run("--stage=cmr", *TINY, f"--out={out}", "--batch_size=2", "--ckpt_every=3",
         f"--data={data / 'cmr'}", "--max_steps=3")
     return out
@@ -63,6 +63,19 @@ def test_every_stage_trains_and_writes_its_files(chain):
     assert fin.model.temporal and "flow" in fin.model.conditions
     cmr = ckpt.read_weights(ckpt.find_weights(chain / "003-cmr-tiny")).config
     assert cmr.model.conditions == ("mask",)
+
+
+def test_sample_py_after_training_with_its_defaults(chain, data, tmp_path):
+    """The README's first-video command: tools/sample.py on a fresh finetune run, default --out. The
+    run's own previews live in RUN/previews, so RUN/samples is free for sample.py (it was not: the
+    training previews took it, and the command refused to start)."""
+    from tools.sample import main as sample_main
+    run_dir = chain / "002-finetune-tiny"
+    assert sorted(p.name for p in (run_dir / "previews").iterdir()) == ["step-0000002.png"]
+    gif = tmp_path / "first_video.gif"
+    assert sample_main([f"--ckpt={run_dir}", f"--data={data / 'echo'}", "--num=1", "--steps=2",
+                        f"--gif={gif}"]) == 0
+    assert (run_dir / "samples" / "samples.h5").exists() and gif.stat().st_size > 100
 
 
 def test_load_for_sampling(chain):

@@ -19,7 +19,7 @@ Output: our rows only (with the ratio to the best baseline); --verbose prints ev
 
 Useful FLOPs (softmax and recomputation not counted):
   attention   fwd 4 B H Lq Lk D (QK^T and PV);  bwd 8 B H Lq Lk D (dV, dP, dQ, dK)
-  temporal    the same with Lq = Lk = F, B = N (sequences)
+  temporal    the same with Lq = Lk = F, B H = sequences x heads
   dual cross  fwd 4 B H Lq (Lt + Li) D;         bwd 8 B H Lq (Lt + Li) D
   group norm  not FLOP-bound: GB/s only
 Bytes (each tensor counted once, element size e):
@@ -199,15 +199,15 @@ def bench_temporal(reps, ceil):
     import kernels
     from heartbeat.attention import attention_math
     from torch.nn.attention import sdpa_kernel
-    rows, Fr, H = [], 16, 8
+    rows, Fr, H, B = [], 16, 8, 1
     for hw, C in TEMPORAL:
         D = C // H
-        N = hw
+        N = B * hw   # sequences of F frames, each with H heads
 
         def views():
-            # the UNet's layout: LayerNorm output (B=1, h*w, F, C), one qkv projection, per-head views
-            qkv = torch.randn(N, Fr, 3, H, D, device=DEVICE, dtype=BF16, requires_grad=True)
-            return [qkv[:, :, i] for i in range(3)], [qkv]
+            # the UNet's layout (TemporalAttention): (B, F, h*w*heads, D) views of three projections
+            xs = [torch.randn(B, Fr, hw * H, D, device=DEVICE, dtype=BF16, requires_grad=True) for _ in range(3)]
+            return xs, xs
 
         def sdpa_best(q, k, v):   # the default SDPA dispatch on strided views
             return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)

@@ -34,7 +34,7 @@ if ROOT not in sys.path:
 
 SECTIONS = ("env", "tests", "kernels", "e2e", "clip")
 SPATIAL = [(32, 1024, 8, 40), (32, 256, 8, 80), (32, 64, 8, 160)]          # (B*F, L, heads, head dim)
-TEMPORAL = [(2048, 40), (512, 80), (128, 160)]                              # (N = 2*h*w, head dim), 8 heads, F=16
+TEMPORAL = [(1024, 40), (256, 80), (64, 160)]   # (h*w, head dim): 2 clips of 16 frames, 8 heads, the UNet's views
 GROUPNORM = [(320, 32), (640, 16), (1280, 8), (1280, 4)]                    # (C, h = w), N = 32, 32 groups
 SUMMARY_LIMIT = 10_000
 
@@ -195,18 +195,17 @@ def section_kernels(dry):
                 impls[f"2x {name} + add"] = lambda q, kt, vt, ki, vi, f=f: f(q, kt, vt) + f(q, ki, vi)
         rows += _measure("dual_cross", f"B={B} L={L} D={D} Lt=77 Li=16", impls, lambda: (q, kt, vt, ki, vi), ref)
         del q, k, v, kt, vt, ki, vi, ref
-    for N, D in TEMPORAL:
-        H, Fr = 8, 16
-        qkv = r(N, Fr, 3, H, D)
-        views = tuple(qkv[:, :, i] for i in range(3))
+    for L, D in TEMPORAL:   # TemporalAttention's (B, F, h*w*heads, head_dim) views of its projections
+        B, H, Fr = 2, 8, 16
+        views = tuple(r(B, Fr, L * H, D) for _ in range(3))
         ref = attention_ref(*(t.double() for t in views))
         impls = {"triton": kernels.temporal_attention}
         for name, f in _impls_attention().items():
             if name != "triton":
                 impls[f"{name} (views)"] = f
-        rows += _measure("temporal", f"N={N} F={Fr} H={H} D={D}", impls, lambda: views, ref,
-                         nbytes=4 * N * Fr * H * D * 2, flush=flush)
-        del qkv, views, ref
+        rows += _measure("temporal", f"B={B} F={Fr} L={L} H={H} D={D}", impls, lambda: views, ref,
+                         nbytes=4 * B * L * Fr * H * D * 2, flush=flush)
+        del views, ref
     for C, hw in GROUPNORM:
         xg, w, b = r(32, C, hw, hw), torch.randn(C, device="cuda"), torch.randn(C, device="cuda")
         ref = F.silu(F.group_norm(xg.double(), 32, w.double(), b.double()))

@@ -342,7 +342,7 @@ def _fit(cfg: Config, d: Dist, model, par, dataset, trainable, opt, ema, gen, st
         if previews and t.sample_every > 0 and step % t.sample_every == 0 and step < t.max_steps:
             img = preview(model, ema, cfg, d.device)
             if img is not None and d.main:
-                write_png(run_dir / "samples" / f"step-{step:07d}.png", img)
+                write_png(run_dir / "previews" / f"step-{step:07d}.png", img)   # RUN/samples is sample.py's
                 writer.add_image("samples", img, step)
     if bar is not None:
         bar.close()
