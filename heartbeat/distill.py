@@ -24,7 +24,8 @@ prediction converted by Schedule.to_x0_eps; K the sample's kept conditions):
      the model, and learns the teacher's
          eps~ = eps(0) + w [eps(K) - eps(0)] + sum_i w_i [eps(K n {c_i}) - eps(0)]
      from ONE batched teacher call over the 2 + n condition sets 0, K, K n {c_1}, ..., K n {c_n}
-     (`teacher_sets`, `guided_teacher`). A single scale is (w, 0, ...), per-condition scales (0,
+     (`teacher_sets`, `guided_teacher`), of which only the pairs with a non-zero scale run
+     (`needed_sets`: about half of them). A single scale is (w, 0, ...), per-condition scales (0,
      w_1, ...); group terms ("mask+sketch=2") stay the teacher's. Training draws w, w_i ~ U[0,
      guidance_max], one of the two forms per example (`draw_guidance`).
  (2) one teacher ODE step from t_{n+k} to t_n (LCM eq. for the LCD target, solved by DDIM eq. 12
@@ -84,6 +85,16 @@ def draw_guidance(keep: dict, conditions, w_max: float, generators) -> torch.Ten
             row = [0.0] + [float(u[2 + i]) * w_max * float(keep[c][b]) for i, c in enumerate(conditions)]
         rows.append(row)
     return torch.tensor(rows, dtype=torch.float32)
+
+
+def needed_sets(g: torch.Tensor) -> torch.Tensor:
+    """(2 + n, B) bool: the (set, example) pairs of teacher_sets() that equation (1) weighs. Set 0 (the
+    unconditional u) always; set 1 and set 1 + i only where their scale is non-zero. The others would
+    be multiplied by 0, so the teacher skips them: an example drawn with a joint scale needs 2 of the
+    2 + n sets, one with per-condition scales 1 + (its kept conditions)."""
+    need = torch.ones(g.shape[1] + 1, g.shape[0], dtype=torch.bool, device=g.device)
+    need[1:] = g.T != 0
+    return need
 
 
 def guided_teacher(preds: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from .checkpoint import CheckpointError, find_weights, read_weights
 from .conditions import Conditioner, condition_inputs
 from .config import Config
 from .diffusion import Schedule, training_loss
-from .distill import draw_guidance, lcd_loss, teacher_sets
+from .distill import draw_guidance, lcd_loss, needed_sets, teacher_sets
 from .guidance import expand_for_sets, repeat_sets
 from .stages import get_stage
 from .unet import UNet
@@ -238,9 +238,14 @@ class DistillModel(LatentDiffusion):
             ctx = self.conditioner(rep, rows, batch_size=K * B)
         own = {k: (None if v is None else v[B:2 * B]) for k, v in ctx.items()}   # set 1: every kept condition
 
-        def teacher_fn(z, t):
-            out = self.teacher(torch.cat([z] * K), t.repeat(K), **ctx)
-            return out.view(K, *z.shape)
+        idx = needed_sets(g).flatten().nonzero().squeeze(1)                      # set-major, set 0 first
+        sub = {k: _rows(v, idx, K * B) for k, v in ctx.items()}
+
+        def teacher_fn(z, t):       # only the (set, example) pairs equation (1) weighs; the rest = u
+            out = self.teacher(torch.cat([z] * K)[idx], t.repeat(K)[idx], **sub)
+            preds = torch.cat([out[:B]] * K)
+            preds[idx] = out
+            return preds.view(K, *z.shape)
 
         def student_fn(z, t):
             return self.unet(z, t, guidance=g, **own)
@@ -248,6 +253,14 @@ class DistillModel(LatentDiffusion):
         loss, info = lcd_loss(student_fn, teacher_fn, z0, self.schedule, g, gens, prediction=m.prediction,
                               skip=m.lcm_skip)
         return loss, {"mse": info["mse"].mean()}
+
+
+def _rows(value, idx: torch.Tensor, n: int):
+    """Rows idx of a context whose dim 0 holds n items, each m >= 1 consecutive rows (frames)."""
+    if value is None:
+        return None
+    m = value.shape[0] // n
+    return value.view(n, m, *value.shape[1:])[idx].flatten(0, 1)
 
 
 def build_model(cfg: Config, sampling: bool = False) -> TrainModel:

@@ -236,3 +236,23 @@ def test_stage2_decoupled_from_an_image_student(setup, tmp_path):
     assert spatial and all(torch.equal(w2.model[k], w1[k]) for k in spatial)
     g1, g2 = w1["unet.guidance_embed.0.weight"], w2.model["unet.guidance_embed.0.weight"]
     assert g2.shape[1] == g1.shape[1] + 32 and not torch.equal(g2[:, :g1.shape[1]], torch.zeros_like(g1))
+
+
+def test_teacher_skips_the_sets_no_scale_weighs(setup, tmp_path, monkeypatch):
+    """The teacher runs only the (set, example) pairs equation (1) weighs (heartbeat.distill.needed_sets):
+    on stage-2 clips the losses equal those of the full 2 + n set call, and fewer rows ran."""
+    import json
+
+    import heartbeat.models as M
+    from heartbeat.distill import needed_sets
+    root, _ = setup
+    args = ["--stage=distill", f"--init={root / 't2'}", f"--data={root / 'echo'}", "--max_steps=3", *RUN]
+    ran = []
+    monkeypatch.setattr(M, "needed_sets", lambda g: ran.append(needed_sets(g)) or ran[-1])
+    assert train_main(args + [f"--out={tmp_path / 'a'}"]) == 0
+    assert sum(int(n.sum()) for n in ran) < sum(n.numel() for n in ran)      # rows were skipped
+    monkeypatch.setattr(M, "needed_sets", lambda g: torch.ones(g.shape[1] + 1, g.shape[0], dtype=torch.bool))
+    assert train_main(args + [f"--out={tmp_path / 'b'}"]) == 0
+    la, lb = (json.loads((tmp_path / x / "000-distill-tiny" / "loss.json").read_text()) for x in "ab")
+    assert len(la) == 3 and [s for s, _ in la] == [s for s, _ in lb]
+    assert all(abs(a - b) <= 1e-5 * max(abs(b), 1e-3) for (_, a), (_, b) in zip(la, lb)), (la, lb)
