@@ -260,7 +260,7 @@ def _rows(value, idx: torch.Tensor, n: int):
     if value is None:
         return None
     m = value.shape[0] // n
-    return value.view(n, m, *value.shape[1:])[idx].flatten(0, 1)
+    return value.unflatten(0, (n, m))[idx].flatten(0, 1)
 
 
 def build_model(cfg: Config, sampling: bool = False) -> TrainModel:
