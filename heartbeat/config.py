@@ -140,6 +140,7 @@ class TrainConfig:
                                     # of this distilled stage-1 student are kept, the temporal layers (and the
                                     # guidance embedding) learn
     compile: bool = False           # the UNet's forward through torch.compile (nn.Module.compile: names kept)
+    lcd_loss: str = "l2"            # distill: l2 (LCM) or huber (iCT's pseudo-Huber, heartbeat/distill.py (4))
     force: bool = False
 
 
@@ -271,6 +272,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--attn_backend={m.attn_backend}: choose one of {', '.join(ATTN_BACKENDS)}")
     if t.shard not in ("ddp", "fsdp"):
         raise ConfigError(f"--shard={t.shard}: choose one of ddp, fsdp")
+    if t.lcd_loss not in ("l2", "huber"):
+        raise ConfigError(f"--lcd_loss={t.lcd_loss}: choose one of l2, huber")
     if t.stage not in STAGES:
         raise ConfigError(f"--stage={t.stage}: choose one of {', '.join(STAGES)}")
     bad = [c for c in m.conditions if c not in CONDITIONS]

@@ -38,6 +38,9 @@ prediction converted by Schedule.to_x0_eps; K the sample's kept conditions):
      with theta- = stopgrad(theta): the target network's EMA decay 0 of Song & Dhariwal 2023
      (iCT, §3.2), which also keeps resume exact without a third network. The training EMA is kept
      for sampling as in every stage.
+ (4') `--lcd_loss=huber`: iCT's pseudo-Huber metric (§3.3) in place of the squared L2 norm,
+         d(a, b) = sqrt(||a - b||_2^2 + c^2) - c,   c = 0.00054 sqrt(dim),  dim = elements per example,
+     which weighs large residuals less than L2 (BENCHMARKS.md compares the two).
 Sampling is LCM Algorithm 3 (heartbeat.diffusion.sample, sampler "lcm").
 
 Every condition subset: each example keeps a random subset drawn by the teacher's own dropout
@@ -115,7 +118,7 @@ def draw_timesteps(generators, T: int, skip: int = 0, device=None) -> tuple[torc
 
 
 def lcd_loss(student_fn, teacher_fn, z0: torch.Tensor, schedule: Schedule, g: torch.Tensor, generators,
-             prediction: str = "eps", skip: int = 0):
+             prediction: str = "eps", skip: int = 0, loss: str = "l2"):
     """Equations (1)-(4) for one batch. student_fn(z, t) -> the student's prediction (its scales g and
     contexts bound); teacher_fn(z, t) -> the teacher's (2 + n, B, ...) predictions over teacher_sets.
     Draws, per example from its generator, the timestep then the noise. Returns (loss, info)."""
@@ -129,7 +132,11 @@ def lcd_loss(student_fn, teacher_fn, z0: torch.Tensor, schedule: Schedule, g: to
             + extract(schedule.sqrt_one_minus_alphas_cumprod, s, z_t) * eps          # (2) DDIM eq. 12
         target = consistency(schedule, student_fn(z_s, s).float(), z_s, s, prediction)   # (3) at theta-
     f = consistency(schedule, student_fn(z_t, t).float(), z_t, t, prediction)         # (3)
-    mse = (f - target).pow(2).flatten(1).mean(1)                                      # (4)
+    d2 = (f - target).pow(2).flatten(1)
+    mse = d2.mean(1)                                                                  # (4)
+    if loss == "huber":       # (4') pseudo-Huber, c = 0.00054 sqrt(dim) (iCT, Song & Dhariwal 2023, §3.3)
+        c = 0.00054 * d2.shape[1] ** 0.5
+        return ((d2.sum(1) + c * c).sqrt() - c).mean(), {"t": t, "mse": mse.detach()}
     return mse.mean(), {"t": t, "mse": mse.detach()}
 
 

@@ -251,7 +251,7 @@ class DistillModel(LatentDiffusion):
             return self.unet(z, t, guidance=g, **own)
 
         loss, info = lcd_loss(student_fn, teacher_fn, z0, self.schedule, g, gens, prediction=m.prediction,
-                              skip=m.lcm_skip)
+                              skip=m.lcm_skip, loss=self.cfg.train.lcd_loss)
         return loss, {"mse": info["mse"].mean()}
 
 

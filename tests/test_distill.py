@@ -127,6 +127,8 @@ def test_bad_input_is_one_clear_message(setup, tmp_path, capsys):
         assert says in err and "Traceback" not in err, err
     assert train_main(["--stage=distill", f"--out={tmp_path / 'o'}"]) == 2
     assert "needs --init" in capsys.readouterr().err
+    assert train_main(["--stage=distill", f"--init={root / 't1'}", "--lcd_loss=l1", f"--out={tmp_path / 'o'}"]) == 2
+    assert "--lcd_loss=l1: choose one of l2, huber" in capsys.readouterr().err
     base = ["--ckpt", run, "--data", root / "echo", "--num=1", "--out", tmp_path / "x"]
     for extra, says in ((["--sampler=lcm", "--steps=5"], "distilled for 1..4 steps"),
                         (["--sampler=lcm", "--steps=2", "--guidance=9"], "outside 0..8"),
@@ -174,7 +176,8 @@ def _energy_distance(a, b):
     return (2 * torch.cdist(a, b).mean() - torch.cdist(a, a).mean() - torch.cdist(b, b).mean()).item()
 
 
-def test_one_step_student_beats_the_one_step_teacher_on_a_toy():
+@pytest.mark.parametrize("loss", ["l2", "huber"])
+def test_one_step_student_beats_the_one_step_teacher_on_a_toy(loss):
     """A 2-D two-mode mixture whose teacher eps is exact (guided: class-conditional vs unconditional):
     after 300 LCD steps (SD1.5 schedule, skipping interval 100) the student's 1-step samples at guidance 1 (conditional) lie closer, in energy
     distance, to the true class-conditional data than the teacher's 1-step DDIM samples (which
@@ -198,9 +201,9 @@ def test_one_step_student_beats_the_one_step_teacher_on_a_toy():
             c = torch.where(keep["mask"][:, None], _exact_eps(z, t, sched, cls), u)
             return torch.stack([u, c, c])                       # sets: none, all kept, mask alone
 
-        loss, _ = lcd_loss(lambda z, t: student(z, t, g, kept), teacher_fn, z0, sched, g, gens, skip=100)
+        value, _ = lcd_loss(lambda z, t: student(z, t, g, kept), teacher_fn, z0, sched, g, gens, skip=100, loss=loss)
         opt.zero_grad()
-        loss.backward()
+        value.backward()
         opt.step()
     assert len(teacher_sets(conds)) == 3
     n = 512
