@@ -134,10 +134,11 @@ def lcd_loss(student_fn, teacher_fn, z0: torch.Tensor, schedule: Schedule, g: to
     f = consistency(schedule, student_fn(z_t, t).float(), z_t, t, prediction)         # (3)
     d2 = (f - target).pow(2).flatten(1)
     mse = d2.mean(1)                                                                  # (4)
+    per = mse
     if loss == "huber":       # (4') pseudo-Huber, c = 0.00054 sqrt(dim) (iCT, Song & Dhariwal 2023, §3.3)
         c = 0.00054 * d2.shape[1] ** 0.5
-        return ((d2.sum(1) + c * c).sqrt() - c).mean(), {"t": t, "mse": mse.detach()}
-    return mse.mean(), {"t": t, "mse": mse.detach()}
+        per = (d2.sum(1) + c * c).sqrt() - c
+    return per.mean(), {"t": t, "mse": mse.detach()}
 
 
 def student_scales(cfg_model, spec: GuidanceSpec) -> list[float]:
