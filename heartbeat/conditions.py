@@ -217,9 +217,36 @@ class Conditioner(nn.Module):
         B = batch_size if batch_size is not None else self._batch_size(batch)
         device = self._device()
         keep = self._resolve_keep(batch, keep, B, device)
+        image = self._image_context(batch, keep, B, device)
+        maps = self._local_maps(batch, keep, B, device)
         return dict(text=self._text(batch, keep["text"], B, device),
-                    image=self._image(batch, keep, B, device),
-                    local=self._local_features(batch, keep, B, device))
+                    image=None if image is None else _absent_as_zero(image, keep["image"]),
+                    local=_sum_kept(maps, keep))
+
+    def for_sets(self, batch: dict, keep: dict, sets, batch_size: int | None = None) -> dict:
+        """forward() of the batch repeated over K condition sets, set-major: row k*B + b is example b
+        keeping the conditions it keeps (keep: name -> bool (B,)) that are in sets[k]; what a batched
+        guided call over the sets needs (heartbeat/guidance.py, heartbeat/distill.py). Each condition
+        is encoded on its own and "absent" is a fixed value (the empty prompt, zero tokens, zero
+        features), so every encoder runs once on the B examples, not on the K*B rows, and the sets
+        only choose among the encodings. Equals forward(repeat_sets(batch, K), rows, K*B) up to float
+        rounding. batch_size: as in forward()."""
+        B = batch_size if batch_size is not None else self._batch_size(batch)
+        K, device = len(sets), self._device()
+        keep = self._resolve_keep(batch, keep, B, device)
+        in_set = {n: torch.tensor([n in s for s in sets], device=device) for n in keep}
+        rows = {n: (in_set[n][:, None] & keep[n][None]).flatten() for n in keep}          # (K*B,)
+        enc = {n: keep[n] & bool(in_set[n].any()) for n in keep}   # what forward's encoders would see
+        text = self._text(batch, keep["text"], B, device)
+        if text is not None:
+            empty = self._text({}, torch.zeros(1, dtype=torch.bool), 1, device)
+            pick = torch.where(rows["text"], torch.arange(B, device=device).repeat(K), B)   # B: the "" row
+            text = torch.cat([text, empty])[pick]
+        image = self._image_context(batch, enc, B, device)
+        if image is not None:
+            image = _absent_as_zero(torch.cat([image] * K), rows["image"])
+        maps = {n: torch.cat([f] * K) for n, f in self._local_maps(batch, enc, B, device).items()}
+        return dict(text=text, image=image, local=_sum_kept(maps, rows))
 
     def _device(self):
         return next(self.adapter.parameters()).device
@@ -270,7 +297,9 @@ class Conditioner(nn.Module):
         ids = self.text_encoder.tokenize(prompts).to(device)
         return self.text_encoder(ids)  # (B, text_tokens, context_dim); "" = absent
 
-    def _image(self, batch, keep, B, device):
+    def _image_context(self, batch, keep, B, device):
+        """The adapter's (B, text_tokens, context_dim) tokens of every example (absent not yet zeroed),
+        or None when the image encoder does not run."""
         if not self._runs(batch, keep, "image"):
             return None
         tokens = batch.get("prior_tokens")
@@ -286,16 +315,15 @@ class Conditioner(nn.Module):
         elif tokens.shape[0] != B:
             raise ValueError(f"prior_tokens must have shape ({B}, {self.cfg.prior_tokens}, {self.cfg.prior_dim}); "
                              f"got {tuple(tokens.shape)}")
-        ctx = self.adapter(tokens.to(device).float())  # (B, text_tokens, context_dim)
-        return torch.where(keep["image"][:, None, None], ctx, torch.zeros_like(ctx))  # zero tokens = absent
+        return self.adapter(tokens.to(device).float())
 
-    def _local_features(self, batch, keep, B, device):
+    def _local_maps(self, batch, keep, B, device) -> dict:
+        """name -> the (B[, F], local_channels, h, w) features of each local condition whose encoder
+        runs (absent not yet zeroed); a per-image map is repeated over the frames of a clip batch."""
         names = [n for n in LOCAL_CONDITIONS if self._runs(batch, keep, n)]
-        if not names:
-            return None
         inputs = {n: self._local_input(n, batch[n], B) for n in names}
         Fr = max((x.shape[1] for x in inputs.values() if x.ndim == 5), default=None)
-        total = None
+        maps = {}
         for n, x in inputs.items():
             x = x.to(device)
             if x.ndim == 5 and n == "sketch":
@@ -305,17 +333,12 @@ class Conditioner(nn.Module):
                     raise ValueError(f"{n} has {x.shape[1]} frames but another condition has {Fr}")
                 f = self.local[n](x.flatten(0, 1))  # (B*F, local, h, w): frames become batch
                 f = f.view(B, Fr, *f.shape[1:])
-                k = keep[n][:, None, None, None, None]
             else:
                 f = self.local[n](x)  # (B, local, h, w)
                 if Fr is not None:
                     f = f[:, None].expand(B, Fr, *f.shape[1:])  # one map for every frame
-                    k = keep[n][:, None, None, None, None]
-                else:
-                    k = keep[n][:, None, None, None]
-            f = torch.where(k, f, torch.zeros_like(f))  # dropped = absent = zero features
-            total = f if total is None else total + f
-        return total  # (B[, F], local_channels, h, w)
+            maps[n] = f
+        return maps
 
     def _local_input(self, name, x, B):
         """Validate and convert one raw local condition to float (B[, F], cin, H, W)."""
@@ -337,3 +360,17 @@ class Conditioner(nn.Module):
                              f"got {tuple(x.shape)}")
         x = x.float()
         return x * (32.0 / S) if name == "flow" else x  # flow: 1/32 of the image width -> 1.0
+
+
+def _absent_as_zero(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x (N, ...) with the rows keep (N,) drops set to zero (the absent representation)."""
+    return torch.where(keep.view(-1, *([1] * (x.dim() - 1))), x, torch.zeros_like(x))
+
+
+def _sum_kept(maps: dict, keep: dict):
+    """The local conditions' features summed over the kept ones (dropped = zero), or None."""
+    total = None
+    for n, f in maps.items():
+        f = _absent_as_zero(f, keep[n])
+        total = f if total is None else total + f
+    return total  # (B[, F], local_channels, h, w)

@@ -30,7 +30,6 @@ from .conditions import Conditioner, condition_inputs
 from .config import Config
 from .diffusion import Schedule, training_loss
 from .distill import draw_guidance, lcd_loss, needed_sets, teacher_sets
-from .guidance import expand_for_sets, repeat_sets
 from .stages import get_stage
 from .unet import UNet
 from .vae import AutoencoderKL, as_channels, vae_loss
@@ -231,11 +230,8 @@ class DistillModel(LatentDiffusion):
         g = draw_guidance(keep, m.conditions, m.guidance_max, gens).to(z0.device)
         sets = teacher_sets(m.conditions)
         K = len(sets)
-        _, _, set_keep = expand_for_sets(z0, torch.zeros(B, dtype=torch.long), sets)
-        rows = {n: set_keep[n] & keep[n].repeat(K) for n in set_keep}            # set k, example b
-        rep = {k: repeat_sets(v, K) for k, v in self.condition_batch(batch).items()}
-        with torch.no_grad():                                                    # the teacher's encoders
-            ctx = self.conditioner(rep, rows, batch_size=K * B)
+        with torch.no_grad():                     # the teacher's encoders, once per example: row k*B + b
+            ctx = self.conditioner.for_sets(self.condition_batch(batch), keep, sets, batch_size=B)
         own = {k: (None if v is None else v[B:2 * B]) for k, v in ctx.items()}   # set 1: every kept condition
 
         idx = needed_sets(g).flatten().nonzero().squeeze(1)                      # set-major, set 0 first

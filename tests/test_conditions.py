@@ -172,6 +172,38 @@ def test_per_sample_dropout_equals_separate_runs():
     assert (together[0] - together[3]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("frames", [None, 4])
+@pytest.mark.parametrize("training", [False, True])
+def test_for_sets_equals_the_repeated_batch(frames, training):
+    """Conditioner.for_sets (each encoder once on the B examples) gives what forward gives on the
+    batch repeated over the condition sets, row k*B + b = example b under set k, for frames and clips
+    (the stage-2 sketch is per clip), with per-example dropout, in eval and in training mode (where
+    the encoders run for dropped examples too)."""
+    from heartbeat.distill import teacher_sets
+    from heartbeat.guidance import repeat_sets
+    names = ("text", "image", "sketch", "mask", "mv") + (() if frames is None else ("flow",))
+    cfg, cond = make(conditions=names)
+    cond.train(training)
+    B = 4
+    b = batch(cfg, B=B, frames=frames)
+    keep = {"text": [1, 0, 1, 1], "image": [0, 1, 1, 0], "sketch": [1, 1, 0, 0], "mask": [0, 1, 0, 1],
+            "mv": [1, 0, 0, 0], "flow": [1, 1, 0, 1]}
+    keep = {n: torch.tensor(v).bool() for n, v in keep.items() if n in names}
+    for sets in (teacher_sets(names), [frozenset(), frozenset({"mask", "text"})], [frozenset()]):
+        K = len(sets)
+        rows = {n: torch.tensor([n in s for s in sets]).repeat_interleave(B) & keep[n].repeat(K) for n in keep}
+        with torch.no_grad():
+            want = cond({k: repeat_sets(v, K) for k, v in b.items()}, rows, batch_size=K * B)
+            got = cond.for_sets(b, keep, sets)
+        for k in ("text", "image", "local"):
+            assert (want[k] is None) == (got[k] is None), (sets, k)
+            if want[k] is not None:
+                assert got[k].shape == want[k].shape, (sets, k)
+                assert (got[k] - want[k]).abs().max() <= 1e-5 * (1 + want[k].abs().max()), (sets, k)
+        if len(sets) > 2:                     # the teacher's sets: the local features are not all zero
+            assert want["local"].abs().max() > 0 and want["text"].std(0).max() > 0
+
+
 def test_sample_keep_rates_and_conditions():
     cfg, cond = make(drop_prob=0.3, drop_all_prob=0.2)
     B = 20000
