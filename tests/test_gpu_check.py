@@ -27,3 +27,30 @@ def test_gpu_check_dry_run(tmp_path):
     assert summary.strip().splitlines()[-1] in r.stdout   # printed, last
     for name in ("kernels", "e2e", "clip"):
         assert f"[{name}] status: rc=0" in summary
+
+
+def test_clip_rows_on_the_cpu():
+    """The clip section's body (not only its dry run) on a tiny UNet on the CPU: each row times a
+    sampling run and records its figures; a CUDA-graph row records its error instead of failing."""
+    import dataclasses
+
+    import torch
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import gpu_check
+    from heartbeat.config import get_config
+    from heartbeat.unet import UNet
+    cfg = get_config("tiny").model
+    torch.manual_seed(0)
+    teacher = UNet(cfg)
+    teacher.inflate()
+    student = UNet(dataclasses.replace(cfg, guidance_inputs=len(cfg.conditions) + 1))
+    student.inflate()
+    saved = []
+    runs = [("student", "lcm", 2, False), ("teacher", "ddim", 3, False), ("student", "lcm", 2, True)]
+    rows = gpu_check.clip_rows(teacher.eval(), student.eval(), cfg, backends=("sdpa",), runs=runs, frames=2,
+                               latent=8, device="cpu", save=lambda r: saved.append(len(r)))
+    assert saved == [1, 2, 3]
+    assert [r["unet_evals"] for r in rows] == [2, 6, 2]
+    for r in rows[:2]:
+        assert "error" not in r and r["finite"] and r["seconds"] > 0, r
+    assert "CUDA" in rows[2]["error"] and "seconds" not in rows[2]

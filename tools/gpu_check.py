@@ -12,8 +12,9 @@ kernels   each kernel at the sd15 shapes (bf16; 256x256 video, 16 frames, guided
 e2e       the sd15 video UNet training step (16 frames, 256x256, batch 1, bf16 autocast, AdamW on the
           temporal parameters), attn_backend triton against sdpa, with and without gradient
           checkpointing: median step time and peak memory. One UNet, built on the GPU once.
-clip      a guided 16-frame clip (50 DDIM steps, classifier-free guidance 7.5, batch 2 per step),
-          triton and sdpa: seconds and peak memory.
+clip      a guided 16-frame 256x256 clip, triton and sdpa: the teacher (50 DDIM steps, classifier-free
+          guidance 7.5, both rows in one call a step) and a student-shaped UNet (4 LCM steps, guidance an
+          input), each eager and from a CUDA graph (--cuda_graph): seconds and peak memory.
 summary   reads every section's JSON and writes summary.txt (< 10 KB), which it prints.
 
 --dry-run: no GPU needed: every section writes its JSON with what it would measure (the CPU test
@@ -278,41 +279,99 @@ def section_e2e(dry):
     return dict(frames=Fr, latent=h, runs=runs)
 
 
-def section_clip(dry):
-    if dry:
-        return dict(dry_run=True, steps=50, guidance=7.5, frames=16,
-                    runs=[dict(backend=be, measures="seconds, peak_gib") for be in ("triton", "sdpa")])
+CLIP_RUNS = [("student", "lcm", 4, False), ("student", "lcm", 4, True),     # (model, sampler, steps, CUDA graph)
+             ("teacher", "ddim", 50, False), ("teacher", "ddim", 50, True)]
+
+
+def clip_rows(teacher, student, cfg, backends=("triton", "sdpa"), runs=CLIP_RUNS, frames=16, latent=32,
+              device="cuda", save=None):
+    """Time one guided `frames`-frame clip (sd15: 256x256, latent 32) per (backend, run): the teacher
+    with classifier-free guidance 7.5 (the unconditional and conditional rows in one batched call a
+    step) and a student-shaped UNet (guidance an input, one row a step: heartbeat/distill.py), each
+    eagerly and replayed from a CUDA graph (heartbeat/graphs.py, what --cuda_graph does). Weights are
+    random: the figures are speed, not quality. save(rows) after each row, so a timeout keeps them."""
     import torch
     from heartbeat.diffusion import Schedule, sample
-    unet, cfg = _unet()
-    z = torch.randn(1, 16, cfg.latent_channels, 32, 32, device="cuda")
-    text = torch.randn(1, cfg.text_tokens, cfg.context_dim, device="cuda")
-    image = torch.randn(1, cfg.prior_tokens, cfg.context_dim, device="cuda")
+    from heartbeat.graphs import GraphedCall
+    g = torch.Generator(device="cpu").manual_seed(0)
+    z = torch.randn(1, frames, cfg.latent_channels, latent, latent, generator=g).to(device)
+    text = torch.randn(1, cfg.text_tokens, cfg.context_dim, generator=g).to(device)
+    image = torch.randn(1, cfg.prior_tokens, cfg.context_dim, generator=g).to(device)
+    scales = torch.zeros(1, student.guidance_inputs, device=device)
+    scales[:, 0] = 7.5
+    cuda = torch.device(device).type == "cuda"
+    amp = dict(device_type="cuda", dtype=torch.bfloat16) if cuda else dict(device_type="cpu", enabled=False)
+    pair = dict(text=torch.cat([torch.zeros_like(text), text]), image=torch.cat([torch.zeros_like(image), image]))
 
-    @torch.no_grad()
-    def model_fn(x, tt):   # classifier-free guidance 7.5: one batched call of 2
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            e = unet(torch.cat([x, x]), torch.cat([tt, tt]), text=torch.cat([torch.zeros_like(text), text]),
-                     image=torch.cat([torch.zeros_like(image), image])).float()
-        u, c = e.chunk(2)
-        return u + 7.5 * (c - u)
-    runs = []
-    for be in ("triton", "sdpa"):
-        row = dict(backend=be)
-        try:
-            _set_backend(unet, be)
-            sample(model_fn, z, steps=2, sampler="ddim", schedule=Schedule.sd15())   # warm-up, JIT
-            torch.cuda.reset_peak_memory_stats()
+    def teacher_call(x, tt):
+        return teacher(x, tt, **pair)
+
+    def student_call(x, tt):
+        return student(x, tt, text=text, image=image, guidance=scales)
+
+    def sync():
+        if cuda:
             torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = sample(model_fn, z, steps=50, sampler="ddim", schedule=Schedule.sd15())
-            torch.cuda.synchronize()
-            row.update(seconds=round(time.perf_counter() - t0, 2), finite=bool(torch.isfinite(out).all()),
-                       peak_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2))
-        except Exception as e:
-            row["error"] = _err(e)
-        runs.append(row)
-    return dict(steps=50, guidance=7.5, frames=16, runs=runs)
+    rows = []
+    for model, sampler, steps, graphed in runs:
+        for be in backends:
+            row = dict(backend=be, model=model, sampler=sampler, steps=steps, cuda_graph=graphed,
+                       unet_evals=steps * (2 if model == "teacher" else 1))
+            try:
+                _set_backend(teacher, be)
+                _set_backend(student, be)
+                if model == "teacher":
+                    call, x_in = teacher_call, torch.cat([z, z])
+                else:
+                    call, x_in = student_call, z
+                t_in = torch.zeros(x_in.shape[0], dtype=torch.long, device=device)
+                if graphed:
+                    call = GraphedCall(call, x_in, t_in)
+
+                @torch.no_grad()
+                def model_fn(x, tt):
+                    with torch.autocast(**amp):
+                        if model == "student":
+                            return call(x, tt).float()
+                        e = call(torch.cat([x, x]), torch.cat([tt, tt])).float()
+                    u, c = e.chunk(2)
+                    return u + 7.5 * (c - u)
+                sample(model_fn, z, steps=2, sampler=sampler, schedule=Schedule.sd15())   # warm-up, JIT
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                sync()
+                t0 = time.perf_counter()
+                out = sample(model_fn, z, steps=steps, sampler=sampler, schedule=Schedule.sd15())
+                sync()
+                row.update(seconds=round(time.perf_counter() - t0, 3), finite=bool(torch.isfinite(out).all()))
+                if cuda:
+                    row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+            except Exception as e:
+                row["error"] = _err(e)
+            rows.append(row)
+            if save is not None:
+                save(rows)
+    return rows
+
+
+def section_clip(dry, save=None):
+    if dry:
+        return dict(dry_run=True, frames=16, guidance=7.5,
+                    runs=[dict(backend=be, model=m, sampler=s, steps=n, cuda_graph=gr, measures="seconds, peak_gib")
+                          for m, s, n, gr in CLIP_RUNS for be in ("triton", "sdpa")])
+    import dataclasses
+    import torch
+    from heartbeat.unet import UNet
+    teacher, cfg = _unet()
+    torch.manual_seed(1)
+    with torch.device("cuda"):
+        student = UNet(dataclasses.replace(cfg, guidance_inputs=len(cfg.conditions) + 1))
+    student.inflate()
+    student.cuda().eval()
+    teacher.eval()
+    rows = clip_rows(teacher, student, cfg, save=None if save is None else
+                     (lambda r: save(dict(frames=16, guidance=7.5, partial=True, runs=r))))
+    return dict(frames=16, guidance=7.5, runs=rows)
 
 
 # ----------------------------------------------------------------------------- summary
@@ -378,7 +437,10 @@ def main(argv=None):
         write(args.outdir, args.section, dict(error="no CUDA device"))
         return 1
     t0 = time.time()
-    data = dict(env=section_env, kernels=section_kernels, e2e=section_e2e, clip=section_clip)[args.section](args.dry_run)
+    if args.section == "clip":    # rows are saved as they come: a timeout keeps the finished ones
+        data = section_clip(args.dry_run, save=lambda d: write(args.outdir, "clip", d))
+    else:
+        data = dict(env=section_env, kernels=section_kernels, e2e=section_e2e)[args.section](args.dry_run)
     data["seconds"] = round(time.time() - t0, 1)
     write(args.outdir, args.section, data)
     print(f"gpu_check {args.section}: {data['seconds']} s -> {args.outdir}/{args.section}.json")

@@ -9,7 +9,8 @@
 #   tests    the CUDA tests: every kernel, forward and backward, bf16/fp16/fp32, against float64 and SDPA
 #   kernels  each kernel at the sd15 shapes against every SDPA backend that runs (+ xformers)
 #   e2e      the sd15 video-UNet training step, triton vs sdpa, with/without gradient checkpointing
-#   clip     a guided 16-frame clip (50 DDIM steps)
+#   clip     a guided 16-frame clip: a student-shaped UNet (4 LCM steps) and the teacher (50 DDIM
+#            steps), eager and from a CUDA graph; rows saved as they finish
 # --dry-run: the structure only, without a GPU (the CPU test tests/test_gpu_check.py runs it).
 # Uses the current python3 (the machine's own torch); set PYTHON to choose another.
 set -u
