@@ -86,6 +86,11 @@ def test_eval_rows_and_reference(data, capsys, tmp_path):
     assert noise["dice_lv"] < copy["dice_lv"]
     assert any("fid skipped" in n for n in rep["notes"]) is False   # fid not requested
     assert rep["timing"]["frames_per_s"] > 0
+    per = rep["per_sample"]                            # what tools/compare.py pairs
+    assert [p["sample"] for p in per] == list(range(8)) and [p["source"] for p in per] == [0, 1, 2, 3] * 2
+    assert [p["conditions"] for p in per] == ["text,image,mask"] * 4 + ["text"] * 4
+    assert np.mean([p["dice_myo"] for p in per[:4]]) == pytest.approx(copy["dice_myo"])
+    assert np.mean([p["warp_err"] for p in per[4:]]) == pytest.approx(noise["warp_err"])
     md = (tmp_path / "metrics.md").read_text()
     assert "| T+I+M |" in md and "ssim + control: 128 frames" in md and "| T+I+M |" in cap.out
     out2 = tmp_path / "again"                          # reusing the saved segmenter: same numbers

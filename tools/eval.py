@@ -32,8 +32,9 @@ Metrics (docs/METRICS.md gives the exact protocols):
            encoder features) than the --copy_quantile-th percentile of the real test clips' own
            nearest-training distances; always DIR/train.h5 and DIR/test.h5 of the real folder,
            whatever --split pairs the clips with (samples made from the train split: --split=train).
-Writes OUT/metrics.json and OUT/metrics.md (OUT defaults to the fake file's folder), and
-OUT/segmenter.safetensors when it trained one.
+Writes OUT/metrics.json (the rows, and `per_sample`: each generated clip's SSIM and control metrics
+with its source clip and conditions, for paired comparisons with tools/compare.py) and OUT/metrics.md
+(OUT defaults to the fake file's folder), and OUT/segmenter.safetensors when it trained one.
 """
 from __future__ import annotations
 
@@ -390,8 +391,10 @@ def _evaluate(args, fake, real, fake_path, real_path) -> dict:
         rows.append({"conditions": "reference: real source clips", "label": "real", "view": "",
                      **reference})
     notes.append("columns and protocols: docs/METRICS.md")
+    per_sample = [{"sample": i, "source": int(src[i]), "conditions": conds[i], **per_clip[i]}
+                  for i in sorted(per_clip)]         # for paired comparisons (tools/compare.py)
     return {"real": str(real_path), "fake": str(fake_path), "metrics": list(args.metrics),
-            "rows": rows, "notes": notes, "timing": timing}
+            "rows": rows, "notes": notes, "timing": timing, "per_sample": per_sample}
 
 
 # ------------------------------------------------------------------------------- output
