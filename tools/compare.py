@@ -29,8 +29,6 @@ from pathlib import Path
 import numpy as np
 
 HIGHER_IS_BETTER = ("ssim", "dice_lv", "dice_myo", "dice_la")
-ORDER = ("ssim", "dice_lv", "dice_myo", "dice_la", "mv_px", "flow_epe_px", "warp_err", "ef_err",
-         "ef_req_err")
 KEYS = ("sample", "source", "conditions")     # per_sample fields that are not metrics
 
 
@@ -83,7 +81,8 @@ def compare(a: list[dict], b: list[dict], metrics=None, within: float = 5.0, res
             seed: int = 0) -> list[dict]:
     """One row per metric: n, mean A, mean B, worse (%), its 95 % paired bootstrap CI, and the verdict."""
     pair(a, b)
-    names = metrics or [m for m in ORDER if any(m in r for r in a) and any(m in r for r in b)]
+    in_a = list(dict.fromkeys(k for r in a for k in r if k not in KEYS))   # eval's order
+    names = metrics or [m for m in in_a if any(m in r for r in b)]
     unknown = [m for m in names if m in KEYS or not any(m in r for r in a + b)]
     if unknown:
         present = sorted({k for r in a + b for k in r} - set(KEYS))
