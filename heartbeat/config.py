@@ -139,6 +139,8 @@ class TrainConfig:
     spatial: str = ""               # distill of a video teacher, AnimateLCM's decoupled way: the spatial UNet weights
                                     # of this distilled stage-1 student are kept, the temporal layers (and the
                                     # guidance embedding) learn
+    student: str = ""               # distill: the student starts from this student (a distillation of a teacher of
+                                    # the same stage and model, e.g. a --spatial run), all its UNet weights learning
     compile: bool = False           # the UNet's forward through torch.compile (nn.Module.compile: names kept)
     lcd_loss: str = "l2"            # distill: l2 (LCM) or huber (iCT's pseudo-Huber, heartbeat/distill.py (4))
     force: bool = False
@@ -276,6 +278,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--lcd_loss={t.lcd_loss}: choose one of l2, huber")
     if t.stage not in STAGES:
         raise ConfigError(f"--stage={t.stage}: choose one of {', '.join(STAGES)}")
+    for name in ("spatial", "student"):
+        if getattr(t, name) and t.stage != "distill":
+            raise ConfigError(f"--{name}={getattr(t, name)} only applies to --stage=distill (bash train.sh distill)")
+    if t.spatial and t.student:
+        raise ConfigError(f"--spatial={t.spatial} and --student={t.student}: choose one (--spatial starts a video "
+                          f"student from an image student's spatial weights, --student from a whole student)")
     bad = [c for c in m.conditions if c not in CONDITIONS]
     if bad:
         raise ConfigError(f"--conditions: unknown condition(s) {', '.join(bad)}; valid: {', '.join(CONDITIONS)}")

@@ -57,6 +57,9 @@ first, then keep its spatial weights and distil only the temporal layers from th
 `--spatial=RUN`, RUN a student of the stage-1 teacher (heartbeat.runs.load_spatial_student): the
 video student starts from that student's spatial UNet weights and learns its temporal layers (and
 guidance embedding, whose columns for the video's new conditions start at zero) by (4) on clips.
+`--student=RUN` (heartbeat.runs.load_student) starts a student from all the UNet weights of RUN, a
+student of a teacher of the same stage (say such a `--spatial` run), and trains them all by (4): a
+joint phase after the decoupled one, in which the spatial layers may follow the video teacher too.
 """
 from __future__ import annotations
 

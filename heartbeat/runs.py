@@ -26,7 +26,7 @@ from .config import Config
 from .stages import get_stage
 from .unet import UNet
 from .vae import AutoencoderKL
-from .weights import WeightsError, load_unet, load_vae
+from .weights import WeightsError, check_fit, load_unet, load_vae
 
 LOCK = ".lock"
 
@@ -290,6 +290,24 @@ def load_spatial_student(model, cfg: Config, log=print) -> None:
     log(f"spatial weights: {w_path} (a student of a '{s.teacher_stage}' checkpoint); temporal layers learn")
 
 
+def load_student(model, cfg: Config, teacher_stage: str, log=print) -> None:
+    """--student=RUN: the student starts from all the UNet weights (EMA) of RUN, a student of a teacher of
+    the same stage and model (say a --spatial run, for a joint phase after AnimateLCM's decoupled one:
+    heartbeat/distill.py). The teacher and the frozen conditioner stay --init's."""
+    t = cfg.train
+    w_path = ckpt.find_weights(t.student)
+    w = ckpt.read_weights(w_path)
+    ckpt.check_compatible(w.meta, t.stage, cfg.model.preset, what=f"--student={t.student}", path=w_path)
+    if w.config.model.teacher_stage != teacher_stage:
+        raise TrainError(f"--student={t.student}: a student of a '{w.config.model.teacher_stage}' checkpoint, but "
+                         f"--init={t.init} is a '{teacher_stage}' checkpoint; pass a student of a '{teacher_stage}' "
+                         f"checkpoint, or start from the teacher (no --student)")
+    state = {k[5:]: v for k, v in w.ema_model_state().items() if k.startswith("unet.")}
+    check_fit(model.unet, state, "HeartBeat UNet", what=f"--student={w_path}")
+    model.unet.load_state_dict(state)
+    log(f"student weights: {w_path} (step {w.meta.get('step')}); all UNet weights learn")
+
+
 def init_model(model, cfg: Config, log=print) -> None:
     """Load the weights the stage starts from (its `init`), before training."""
     t, stage = cfg.train, get_stage(cfg.train.stage)
@@ -331,6 +349,8 @@ def init_model(model, cfg: Config, log=print) -> None:
             model.load_model_state(state, what=f"--init={w_path}", allow_missing=UNet.is_guidance_name)
             if t.spatial:
                 load_spatial_student(model, cfg, log)
+            elif t.student:
+                load_student(model, cfg, w.stage, log)
         log(f"teacher: {w_path} ({w.stage}, step {w.meta.get('step')})")
         return
     src = init_source(cfg)

@@ -259,3 +259,36 @@ def test_teacher_skips_the_sets_no_scale_weighs(setup, tmp_path, monkeypatch):
     la, lb = (json.loads((tmp_path / x / "000-distill-tiny" / "loss.json").read_text()) for x in "ab")
     assert len(la) == 3 and [s for s, _ in la] == [s for s, _ in lb]
     assert all(abs(a - b) <= 1e-5 * max(abs(b), 1e-3) for (_, a), (_, b) in zip(la, lb)), (la, lb)
+
+
+def test_joint_phase_starts_from_a_whole_student(setup, tmp_path, capsys):
+    """--student=RUN: a second distillation starts from all of RUN's UNet weights (here a --spatial
+    video student) and trains every UNet weight, spatial ones included; the teacher stays --init's.
+    A student of another teacher stage, --student beside --spatial or outside distill: one message."""
+    from heartbeat.unet import UNet
+    root, run1 = setup
+    common = [f"--data={root / 'echo'}", "--max_steps=1", *RUN]
+    assert train_main(["--stage=distill", f"--init={root / 't2'}", f"--spatial={run1}", f"--out={tmp_path / 'a'}",
+                       *common]) == 0
+    run2 = tmp_path / "a" / "000-distill-tiny"
+    assert train_main(["--stage=distill", f"--init={root / 't2'}", f"--student={run2}", f"--out={tmp_path / 'b'}",
+                       "--lr=1e-12", *common]) == 0
+    w2 = ckpt.read_weights(ckpt.find_weights(run2)).ema_model_state()
+    w3 = ckpt.read_weights(ckpt.find_weights(tmp_path / "b" / "000-distill-tiny"))
+    unet = [k for k in w3.model if k.startswith("unet.")]
+    assert set(w3.ema) == set(unet)                          # every UNet weight learned, spatial ones too
+    assert any(not UNet.is_temporal_name(k) and not UNet.is_guidance_name(k) for k in w3.ema)
+    # one step at lr 1e-12 from run2's weights: still run2's weights (not the teacher's, which differ)
+    assert all(torch.allclose(w3.model[k], w2[k], atol=1e-8) for k in unet)
+    teacher = ckpt.read_weights(ckpt.find_weights(root / "t2")).ema_model_state()
+    assert any(not torch.equal(w2[k], teacher[k]) for k in unet if k in teacher)
+    for extra, says in (([f"--init={root / 't2'}", f"--student={run1}"], "a student of a 'pretrain' checkpoint"),
+                        ([f"--init={root / 't2'}", f"--student={run2}", f"--spatial={run1}"], "choose one"),
+                        ([f"--init={root / 't1'}", f"--student={root / 't1'}"], "'pretrain' checkpoint, but this "
+                                                                                  "needs a 'distill'")):
+        assert train_main(["--stage=distill", *extra, f"--out={tmp_path / 'c'}", *common]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err
+    assert train_main(["--stage=finetune", f"--init={root / 't1'}", f"--student={run2}",
+                       f"--out={tmp_path / 'c'}", *common]) == 2
+    assert "only applies to --stage=distill" in capsys.readouterr().err
