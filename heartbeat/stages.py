@@ -47,7 +47,8 @@ class Stage:
 
 
 # The tiny defaults make the newcomer's `bash train.sh pretrain` (VAE + stage 1) finish in about 8
-# minutes on 2 CPU cores; the sd15 ones follow the paper (batch 64 in stage 1, 16 in stage 2).
+# minutes on 2 CPU cores (12.5 on a 1.7x slower pair; a third fewer steps costs stage 1 much of its
+# control: BENCHMARKS.md); the sd15 ones follow the paper (batch 64 in stage 1, 16 in stage 2).
 _VAE = Stage(
     "vae", "the AutoencoderKL from scratch on frames", model="vae", items="frames", reads_conditions=False,
     init="vae", preview="reconstruction",
