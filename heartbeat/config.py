@@ -278,9 +278,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--lcd_loss={t.lcd_loss}: choose one of l2, huber")
     if t.stage not in STAGES:
         raise ConfigError(f"--stage={t.stage}: choose one of {', '.join(STAGES)}")
-    for name in ("spatial", "student"):
-        if getattr(t, name) and t.stage != "distill":
-            raise ConfigError(f"--{name}={getattr(t, name)} only applies to --stage=distill (bash train.sh distill)")
     if t.spatial and t.student:
         raise ConfigError(f"--spatial={t.spatial} and --student={t.student}: choose one (--spatial starts a video "
                           f"student from an image student's spatial weights, --student from a whole student)")

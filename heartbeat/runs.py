@@ -311,6 +311,10 @@ def load_student(model, cfg: Config, teacher_stage: str, log=print) -> None:
 def init_model(model, cfg: Config, log=print) -> None:
     """Load the weights the stage starts from (its `init`), before training."""
     t, stage = cfg.train, get_stage(cfg.train.stage)
+    for name in ("spatial", "student"):
+        if getattr(t, name) and not stage.distils:
+            raise TrainError(f"--{name}={getattr(t, name)} only applies to a distillation (bash train.sh distill), "
+                             f"not to --stage={stage.name}")
     if stage.init == "vae":
         if t.init:
             model.vae.load_state_dict(load_vae_weights(t.init, cfg).state_dict())

@@ -291,4 +291,5 @@ def test_joint_phase_starts_from_a_whole_student(setup, tmp_path, capsys):
         assert says in err and "Traceback" not in err, err
     assert train_main(["--stage=finetune", f"--init={root / 't1'}", f"--student={run2}",
                        f"--out={tmp_path / 'c'}", *common]) == 2
-    assert "only applies to --stage=distill" in capsys.readouterr().err
+    assert "only applies to a distillation (bash train.sh distill), not to --stage=finetune" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())   # no run folder left behind
